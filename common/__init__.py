@@ -1,0 +1,1 @@
+"""Small pieces both services share: option tables, logging, metrics export."""

@@ -1,0 +1,1 @@
+"""wafsvc: ModSecurity v3 evaluation service behind a gRPC API."""

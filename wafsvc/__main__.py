@@ -1,0 +1,160 @@
+"""wafsvc entry point: load rules, fork workers, supervise them.
+
+    python -m wafsvc --crs-dir /usr/share/modsecurity-crs --workers 2
+
+The parent loads and checks the rules before forking, so workers share that
+memory and a bad rule file fails at start. gRPC is created only inside the
+workers, after fork (gRPC must not be initialised before fork()).
+
+Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads rules everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from common import logs
+from common.options import ConfigError
+from wafsvc.config import WafConfig
+from wafsvc.engine import Engine
+from wafsvc.rules import RuleSetSpec, RulesError
+
+log = logging.getLogger("wafsvc")
+
+DRAIN_GRACE_S = 5.0
+RESTART_BACKOFF_S = 0.5
+
+
+def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
+    common = dict(base_conf=config.base_conf, mode=config.mode, crs_dir=config.crs_dir,
+                  crs_setup=config.crs_setup, paranoia=config.paranoia,
+                  extra_directives=config.extra_directives)
+    specs = {}
+    if config.rules or config.crs_dir:
+        specs[""] = RuleSetSpec(rules_file=config.rules, **common)
+    for name, path in config.apps.items():
+        specs[name] = RuleSetSpec(rules_file=path, **common)
+    return specs
+
+
+async def serve(config: WafConfig, engine: Engine) -> None:
+    from wafsvc.service import build_server, set_serving
+
+    server, servicer, health = build_server(engine, config.listen, config.max_request_bytes)
+    await server.start()
+    await set_serving(health, True)
+    log.info("worker serving", extra={"listen": config.listen, "worker": servicer.worker_id})
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config))
+    await stopping.wait()
+    # NOT_SERVING first, so health-checking balancers stop sending, then
+    # finish what is in flight.
+    servicer.draining = True
+    await set_serving(health, False)
+    await server.stop(DRAIN_GRACE_S)
+    log.info("worker stopped", extra={"worker": servicer.worker_id})
+
+
+def reload(engine: Engine, config: WafConfig) -> bool:
+    started = time.perf_counter()
+    try:
+        loaded = engine.load(rule_specs(config))
+    except RulesError as exc:
+        log.error("rule reload failed; the previous rules stay in service", extra={"error": str(exc)})
+        return False
+    log.info("rules reloaded", extra={"rules": dict(loaded.rule_counts),
+                                      "seconds": round(time.perf_counter() - started, 3)})
+    return True
+
+
+def run_worker(config: WafConfig, engine: Engine) -> int:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        import uvloop
+        uvloop.run(serve(config, engine))
+    except Exception:
+        log.exception("worker failed")
+        return 1
+    return 0
+
+
+class Supervisor:
+    """Keeps `workers` processes alive; forwards SIGTERM/SIGINT/SIGHUP."""
+
+    def __init__(self, config: WafConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.children: dict[int, int] = {}  # pid -> worker index
+
+    def spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_worker(self.config, self.engine))
+        self.children[pid] = index
+
+    def run(self) -> int:
+        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        for index in range(self.config.workers):
+            self.spawn(index)
+        stopping = False
+        while self.children:
+            info = signal.sigwaitinfo(handled)
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                stopping = True
+                log.info("stopping: draining workers")
+                self.signal_children(signal.SIGTERM)
+            elif info.si_signo == signal.SIGHUP:
+                reload(self.engine, self.config)  # so restarted workers get the new rules
+                self.signal_children(signal.SIGHUP)
+            self.reap(restart=not stopping)
+        return 0
+
+    def signal_children(self, signo: int) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, signo)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, restart: bool) -> None:
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            if restart:
+                log.error("worker died; restarting", extra={"pid": pid, "status": status, "worker": index})
+                time.sleep(RESTART_BACKOFF_S)
+                self.spawn(index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = WafConfig.from_args(argv)
+    except ConfigError as exc:
+        print(f"wafsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level, "wafsvc")
+    try:
+        engine = Engine(rule_specs(config), config.ignore_profiles)
+    except RulesError as exc:
+        log.error("cannot load rules", extra={"error": str(exc)})
+        return 1
+    log.info("rules loaded", extra={"rules": dict(engine.loaded.rule_counts), "workers": config.workers,
+                                    "mode": config.mode, "paranoia": config.paranoia})
+    return Supervisor(config, engine).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""wafsvc settings: every flag, its environment variable and its default."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from common.options import ConfigError, Option, host_port, parse
+
+REPO_RULES = pathlib.Path(__file__).resolve().parent.parent / "rules"
+
+
+def _apps(text: str) -> dict[str, str]:
+    """'api=/etc/waf/api.conf,shop=/etc/waf/shop.conf'."""
+    apps: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"expected NAME=RULES_FILE, got {item!r}")
+        apps[name] = path
+    return apps
+
+
+OPTIONS = (
+    Option("listen", "WAF_LISTEN", "127.0.0.1:50051",
+           "gRPC address; every worker binds it with SO_REUSEPORT"),
+    Option("workers", "WAF_WORKERS", 0,
+           "worker processes (0 = one per CPU this process may use)", int),
+    Option("rules", "RULES", "",
+           "ModSecurity rules file loaded after CRS (may Include others); as in the original agent"),
+    Option("crs_dir", "CRS_DIR", "",
+           "OWASP CRS directory holding rules/*.conf (v3 or v4); empty = no CRS"),
+    Option("crs_setup", "CRS_SETUP", "",
+           "CRS setup file; default CRS_DIR/crs-setup.conf, else crs-setup.conf.example, "
+           "else Debian's /etc/modsecurity/crs/crs-setup.conf"),
+    Option("paranoia", "PARANOIA", 1, "CRS blocking paranoia level, 1 to 4", int),
+    Option("mode", "MODE", "block",
+           "block: disruptive rules deny; detect: DetectionOnly, matches are reported only",
+           choices=("block", "detect")),
+    Option("apps", "WAF_APPS", {},
+           "extra named rule sets, NAME=RULES_FILE[,...]; requests pick one by name", _apps),
+    Option("base_conf", "WAF_BASE_CONF", str(REPO_RULES / "modsecurity.conf"),
+           "engine base configuration loaded first (body access, limits, parsers)"),
+    Option("extra_directives", "WAF_DIRECTIVES", "",
+           "extra ModSecurity directives appended last (e.g. 'SecPcreMatchLimit 100000')"),
+    Option("ignore_profiles", "WAF_IGNORE_PROFILES", 32,
+           "rule sets kept per distinct ignored-rule list (each costs a rule set's memory)", int),
+    Option("max_request_bytes", "WAF_MAX_REQUEST_BYTES", 4 * 1024 * 1024,
+           "largest gRPC message accepted", int),
+    Option("metrics", "WAF_METRICS", "",
+           "Prometheus listen address, e.g. 127.0.0.1:9102; empty = off"),
+    Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
+           choices=("debug", "info", "warning", "error")),
+)
+
+
+@dataclass(frozen=True)
+class WafConfig:
+    listen: str = "127.0.0.1:50051"
+    workers: int = 1
+    rules: str = ""
+    crs_dir: str = ""
+    crs_setup: str = ""
+    paranoia: int = 1
+    mode: str = "block"
+    apps: Mapping[str, str] = None  # type: ignore[assignment]
+    base_conf: str = str(REPO_RULES / "modsecurity.conf")
+    extra_directives: str = ""
+    ignore_profiles: int = 32
+    max_request_bytes: int = 4 * 1024 * 1024
+    metrics: str = ""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.apps is None:
+            object.__setattr__(self, "apps", {})
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.rules and not self.crs_dir and not self.apps:
+            raise ConfigError("no rules configured: set RULES, CRS_DIR or WAF_APPS")
+        if not 1 <= self.paranoia <= 4:
+            raise ConfigError(f"PARANOIA must be 1 to 4, got {self.paranoia}")
+        if self.workers < 1:
+            raise ConfigError(f"WAF_WORKERS must be at least 1, got {self.workers}")
+        if self.ignore_profiles < 1:
+            raise ConfigError("WAF_IGNORE_PROFILES must be at least 1")
+        for label, address in (("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)):
+            try:
+                address and host_port(address)
+            except ValueError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
+        for label, path in (("RULES", self.rules), ("CRS_DIR", self.crs_dir),
+                            ("WAF_BASE_CONF", self.base_conf), *self.apps.items()):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"{label}: {path} does not exist")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> "WafConfig":
+        values = parse("wafsvc", "ModSecurity evaluation service (gRPC).", OPTIONS, argv, environ)
+        if values["workers"] == 0:
+            values["workers"] = len(os.sched_getaffinity(0))
+        return cls(**values)

@@ -1,0 +1,166 @@
+"""The ModSecurity engine: rule sets in, typed verdicts out. No gRPC here.
+
+One Engine lives in each worker process. libmodsecurity holds the GIL for
+every call, so a worker evaluates one request at a time on one core; the
+service scales by processes, never threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import libmodsecurity
+
+from wafapi import waf_pb2
+from wafsvc.rules import RuleSetSpec, RulesError, compose
+
+log = logging.getLogger("wafsvc.engine")
+
+CONNECTOR = "modsec-spoa wafsvc"
+DEFAULT_APP = ""
+
+
+class EvaluationFailed(Exception):
+    """The request cannot be evaluated; code is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LoadedRules:
+    """What one load produced: used for logs, metrics and health."""
+    rule_counts: Mapping[str, int]
+    loaded_at: float
+
+
+def _load_rules_set(text: str, what: str) -> tuple[libmodsecurity.RulesSet, int]:
+    rules_set = libmodsecurity.RulesSet()
+    count = rules_set.load(text)
+    if count < 0:
+        raise RulesError(f"{what}: {rules_set.get_parser_error().strip()}")
+    return rules_set, count
+
+
+class Engine:
+    def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32) -> None:
+        self._modsec = libmodsecurity.ModSecurity()
+        self._modsec.set_connector_information(CONNECTOR)
+        # Without a callback libmodsecurity prints every match to stderr;
+        # matches reach us through get_rule_messages() instead.
+        self._modsec.set_log_callback(_discard)
+        self._specs: Mapping[str, RuleSetSpec] = {}
+        self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
+        self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
+        self._max_profiles = ignore_profiles
+        self.loaded = self.load(specs)
+
+    def load(self, specs: Mapping[str, RuleSetSpec]) -> LoadedRules:
+        """Parse every rule set, then swap them in together.
+
+        A parse error raises RulesError and leaves the rules in service
+        untouched, so a bad reload never weakens protection.
+        """
+        fresh, counts = {}, {}
+        for app, spec in specs.items():
+            fresh[app], counts[app] = _load_rules_set(compose(spec), f"rule set {app or 'default'!r}")
+        self._specs, self._rule_sets = dict(specs), fresh
+        self._profiles.clear()
+        self.loaded = LoadedRules(counts, time.time())
+        return self.loaded
+
+    def _rules_for(self, app: str, ignore_ids: Iterable[int]) -> libmodsecurity.RulesSet:
+        try:
+            base = self._rule_sets[app]
+        except KeyError:
+            known = ", ".join(repr(name) for name in self._rule_sets)
+            raise EvaluationFailed("INVALID_ARGUMENT", f"unknown application {app!r}; configured: {known}") from None
+        ids = tuple(sorted(set(ignore_ids)))
+        if not ids:
+            return base
+        # Ignored ids come from per-frontend HAProxy settings, so there are few
+        # distinct lists. Each gets its own rule set with SecRuleRemoveById: the
+        # removal cannot leak into other requests, and costs nothing per request.
+        key = (app, ids)
+        profile = self._profiles.get(key)
+        if profile is None:
+            if 0 in ids:
+                raise EvaluationFailed("INVALID_ARGUMENT", "rule id 0 is not a valid rule id")
+            try:
+                profile, _ = _load_rules_set(compose(self._specs[app], ids), f"ignore list {ids}")
+            except RulesError as exc:
+                raise EvaluationFailed("INVALID_ARGUMENT", str(exc)) from None
+            self._profiles[key] = profile
+            if len(self._profiles) > self._max_profiles:
+                self._profiles.popitem(last=False)
+            log.info("built rule set for app %r without rules %s", app, " ".join(map(str, ids)))
+        else:
+            self._profiles.move_to_end(key)
+        return profile
+
+    def evaluate(self, req: waf_pb2.EvaluateRequest,
+                 verdict: waf_pb2.Verdict | None = None) -> waf_pb2.Verdict:
+        """Fills `verdict` (a fresh one by default) so that a batch can
+        evaluate straight into its response message without a copy."""
+        rules = self._rules_for(req.application, req.ignore_rule_ids)
+        started = time.perf_counter_ns()
+        try:
+            tx = libmodsecurity.Transaction(self._modsec, rules, req.transaction_id or None)
+            intervention = _run_request_phases(tx, req)
+            tx.process_logging()
+            messages = tx.get_rule_messages()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise EvaluationFailed("INTERNAL", f"engine error: {exc}") from None
+        elapsed_us = (time.perf_counter_ns() - started) // 1000
+        if verdict is None:
+            verdict = waf_pb2.Verdict()
+        verdict.transaction_id = tx.id
+        verdict.engine_time_us = elapsed_us
+        if intervention is not None and intervention.disruptive:
+            verdict.intervention = True
+            verdict.status = intervention.status
+            verdict.log = intervention.log or ""
+            if intervention.url:
+                verdict.redirect_url = intervention.url
+                verdict.action = waf_pb2.ACTION_REDIRECT
+            else:
+                verdict.action = waf_pb2.ACTION_DENY
+        else:
+            verdict.action = waf_pb2.ACTION_PASS
+        add = verdict.matches.add
+        for msg in messages:
+            add(id=msg.rule_id, message=msg.message, severity=msg.severity, tags=msg.tags,
+                matched_data=msg.data, phase=msg.phase)
+        return verdict
+
+
+def _run_request_phases(tx: libmodsecurity.Transaction, req: waf_pb2.EvaluateRequest):
+    """Phases 1 and 2, stopping at the first disruptive intervention, as the
+    nginx connector does. Phase 2 always runs: CRS decides there (949110)."""
+    tx.process_connection(req.client_ip or "0.0.0.0", req.client_port,
+                          req.server_ip or "0.0.0.0", req.server_port)
+    tx.process_uri(req.uri, req.method, req.http_version or "1.1")
+    intervention = tx.intervention()
+    if intervention is not None and intervention.disruptive:
+        return intervention
+    add_header = tx.add_request_header
+    for header in req.headers:
+        add_header(header.name, header.value)
+    tx.process_request_headers()
+    intervention = tx.intervention()
+    if intervention is not None and intervention.disruptive:
+        return intervention
+    if req.body:
+        tx.append_request_body(req.body)
+    tx.process_request_body()
+    return tx.intervention()
+
+
+def _discard(_message: str) -> None:
+    pass
