@@ -1,0 +1,153 @@
+"""A small albedo-compatible backend: the demo application of the local
+stack, and the reflection server that CRS's response tests expect
+(../shared/crs/albedo-capabilities.yaml).
+
+    python deploy/backend/albedo.py --listen 127.0.0.1:8000
+
+Any path answers 200 with an empty body; /reflect, /configure_reflection,
+/reset, /capabilities and /inspect behave as albedo documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CAPABILITIES = [
+    {"path": "/*", "methods": ["any"], "description": "200 with an empty body"},
+    {"path": "/capabilities", "methods": ["GET"], "description": "this document"},
+    {"path": "/reflect", "methods": ["POST"], "description": "respond as the JSON spec says"},
+    {"path": "/configure_reflection", "methods": ["POST"], "description": "make endpoints reflect"},
+    {"path": "/reset", "methods": ["PUT"], "description": "forget configured endpoints"},
+    {"path": "/inspect", "methods": ["any"], "description": "log the request"},
+]
+
+log = logging.getLogger("albedo")
+
+
+class Reflections:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._specs: dict[tuple[str, str], dict] = {}
+
+    def configure(self, spec: dict) -> None:
+        with self._lock:
+            for endpoint in spec.get("endpoints", []):
+                self._specs[(endpoint["method"].upper(), endpoint["url"])] = spec
+
+    def reset(self) -> None:
+        with self._lock:
+            self._specs.clear()
+
+    def get(self, method: str, url: str) -> dict | None:
+        with self._lock:
+            return self._specs.get((method.upper(), url))
+
+
+REFLECTIONS = Reflections()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "albedo-py"
+
+    def log_message(self, fmt: str, *args) -> None:  # quiet by default
+        log.debug(fmt, *args)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
+              content_type: str | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, str(value))
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        if not 100 <= status < 200 and status not in (204, 304):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _reflect(self, spec: dict) -> None:
+        status = int(spec.get("status", 200))
+        if not 100 <= status <= 599:
+            self._send(400, b"status must be within [100, 599]")
+            return
+        if spec.get("encodedBody"):
+            body = base64.b64decode(spec["encodedBody"])
+        else:
+            body = str(spec.get("body", "")).encode()
+        if spec.get("logMessage"):
+            log.info("%s", spec["logMessage"])
+        self._send(status, body, spec.get("headers") or {})
+
+    def handle_any(self) -> None:
+        body = self._body()
+        path = self.path.split("?", 1)[0]
+        configured = REFLECTIONS.get(self.command, self.path)
+        if configured is not None:
+            self._reflect(configured)
+        elif path == "/capabilities" and self.command == "GET":
+            quiet = "quiet=true" in self.path
+            doc = [{"path": c["path"]} for c in CAPABILITIES] if quiet else CAPABILITIES
+            self._send(200, json.dumps({"endpoints": doc}).encode(), content_type="application/json")
+        elif path == "/reflect" and self.command == "POST":
+            try:
+                self._reflect(json.loads(body or b"{}"))
+            except (ValueError, TypeError) as exc:
+                self._send(400, f"bad reflection spec: {exc}".encode())
+        elif path == "/configure_reflection" and self.command == "POST":
+            try:
+                REFLECTIONS.configure(json.loads(body or b"{}"))
+            except (ValueError, TypeError, KeyError) as exc:
+                self._send(400, f"bad reflection spec: {exc}".encode())
+                return
+            self._send(200)
+        elif path == "/reset" and self.command == "PUT":
+            REFLECTIONS.reset()
+            self._send(200)
+        elif path == "/inspect":
+            log.info("inspect %s %s headers=%d body=%d", self.command, self.path, len(self.headers), len(body))
+            self._send(200)
+        else:
+            self._send(200)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_any
+
+    def __getattr__(self, name: str):
+        # Any other method (PROPFIND, custom verbs CRS tests use) is accepted too.
+        if name.startswith("do_"):
+            return self.handle_any
+        raise AttributeError(name)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:8000")
+    args = parser.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    logging.basicConfig(level=logging.INFO, format="albedo %(message)s")
+    server = Server((host or "127.0.0.1", int(port)), Handler)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""gateway entry point.
+
+    python -m gateway --listen 127.0.0.1:12345 --wafsvc ipv4:127.0.0.1:50051
+
+SIGTERM/SIGINT: stop accepting, finish evaluations in flight, then send
+AGENT-DISCONNECT on every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from common import logs
+from common.options import ConfigError, host_port
+from gateway.config import GatewayConfig
+from gateway.pool import WafPool
+from gateway.server import Gateway
+
+log = logging.getLogger("gateway")
+
+
+async def serve(config: GatewayConfig) -> None:
+    pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
+                   max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000)
+    await pool.start()
+    gateway = Gateway(config, pool)
+    host, port = host_port(config.listen)
+    await gateway.start(host, port)
+    log.info("gateway listening", extra={"listen": config.listen, "wafsvc": config.wafsvc,
+                                         "failure_policy": config.failure_policy})
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signo, stopping.set)
+    await stopping.wait()
+    log.info("stopping: finishing evaluations in flight")
+    await gateway.shutdown(grace_s=config.deadline_ms / 1000 + 1)
+    await pool.close()
+    log.info("gateway stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = GatewayConfig.from_args(argv)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level, "gateway")
+    import uvloop
+    uvloop.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

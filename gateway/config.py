@@ -1,0 +1,80 @@
+"""gateway settings: every flag, its environment variable and its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from common.options import ConfigError, Option, host_port, parse
+
+OPTIONS = (
+    Option("listen", "GATEWAY_LISTEN", "127.0.0.1:12345", "SPOP address HAProxy connects to"),
+    Option("wafsvc", "GATEWAY_WAFSVC", "ipv4:127.0.0.1:50051",
+           "gRPC target of the wafsvc pool: dns:///wafsvc:50051 (every replica the name "
+           "resolves to) or ipv4:HOST:PORT,HOST:PORT; balanced round robin"),
+    Option("deadline_ms", "GATEWAY_DEADLINE_MS", 400,
+           "time allowed for a verdict, retries included; keep it below the SPOE "
+           "'timeout processing' so HAProxy never times out first", int),
+    Option("failure_policy", "GATEWAY_FAILURE_POLICY", "closed",
+           "no verdict in time: closed = intervention (deny), open = pass; both set txn.modsec.failed",
+           choices=("closed", "open")),
+    Option("channels", "GATEWAY_CHANNELS", 4,
+           "separate gRPC connections per wafsvc replica; several are needed because one "
+           "HTTP/2 connection pins to one SO_REUSEPORT worker", int),
+    Option("streams", "GATEWAY_STREAMS", 4, "long-lived evaluation streams per channel", int),
+    Option("max_batch", "GATEWAY_MAX_BATCH", 16, "most requests carried by one stream message", int),
+    Option("max_inflight", "GATEWAY_MAX_INFLIGHT", 2048,
+           "evaluations in flight before the gateway stops reading from HAProxy", int),
+    Option("max_frame_size", "GATEWAY_MAX_FRAME_SIZE", 1048576,
+           "largest SPOP frame accepted; the smaller of this and HAProxy's offer is used", int),
+    Option("hello_timeout_ms", "GATEWAY_HELLO_TIMEOUT_MS", 5000,
+           "close connections that do not say HELLO within this time", int),
+    Option("idle_timeout_ms", "GATEWAY_IDLE_TIMEOUT_MS", 600000,
+           "close connections that send nothing for this long", int),
+    Option("default_app", "GATEWAY_DEFAULT_APP", "",
+           "rule set used when the SPOE message carries no app argument"),
+    Option("metrics", "GATEWAY_METRICS", "", "Prometheus listen address, e.g. 127.0.0.1:9101; empty = off"),
+    Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
+           choices=("debug", "info", "warning", "error")),
+)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str = "127.0.0.1:12345"
+    wafsvc: str = "ipv4:127.0.0.1:50051"
+    deadline_ms: int = 400
+    failure_policy: str = "closed"
+    channels: int = 4
+    streams: int = 4
+    max_batch: int = 16
+    max_inflight: int = 2048
+    max_frame_size: int = 1048576
+    hello_timeout_ms: int = 5000
+    idle_timeout_ms: int = 600000
+    default_app: str = ""
+    metrics: str = ""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for label, address in (("GATEWAY_LISTEN", self.listen), ("GATEWAY_METRICS", self.metrics)):
+            try:
+                address and host_port(address)
+            except ValueError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
+        for label, value, low in (("GATEWAY_DEADLINE_MS", self.deadline_ms, 1),
+                                  ("GATEWAY_CHANNELS", self.channels, 1),
+                                  ("GATEWAY_STREAMS", self.streams, 1),
+                                  ("GATEWAY_MAX_BATCH", self.max_batch, 1),
+                                  ("GATEWAY_MAX_INFLIGHT", self.max_inflight, 1),
+                                  ("GATEWAY_MAX_FRAME_SIZE", self.max_frame_size, 256)):
+            if value < low:
+                raise ConfigError(f"{label} must be at least {low}, got {value}")
+        if self.failure_policy not in ("closed", "open"):
+            raise ConfigError(f"GATEWAY_FAILURE_POLICY: {self.failure_policy!r} is not closed or open")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> "GatewayConfig":
+        return cls(**parse("gateway", "SPOP agent for HAProxy that asks wafsvc for verdicts.",
+                           OPTIONS, argv, environ))

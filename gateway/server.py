@@ -1,0 +1,219 @@
+"""The thin asyncio transport around the sans-IO SPOP codec.
+
+Each HAProxy connection gets one AgentConnection. Every NOTIFY becomes one
+evaluation in the pool; its ACK goes back on the connection the NOTIFY came
+from (HAProxy drops ACKs that arrive elsewhere). ACKs produced in the same
+loop iteration leave in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+
+from gateway import mapping
+from gateway.config import GatewayConfig
+from gateway.pool import WafPool
+from gateway.spop import (AgentConnection, ConnectionClosed, ConnectionState, DisconnectReceived,
+                          HelloReceived, NotifyReceived, SpopError, Status)
+
+log = logging.getLogger("gateway.server")
+
+
+class GatewayHooks:
+    """Observation points; the metrics module overrides them. No-ops here so
+    the server runs, and is tested, the same with metrics on or off."""
+
+    def connection_opened(self) -> None: ...
+    def connection_closed(self, status: str) -> None: ...
+    def frame(self, kind: str) -> None: ...
+    def protocol_error(self, status: str) -> None: ...
+    def invalid_message(self, reason: str) -> None: ...
+    def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None: ...
+    def failure(self, context: mapping.RequestContext | None, reason: str, seconds: float) -> None: ...
+
+
+class Gateway:
+    """State shared by all connections: settings, the pool, the hooks."""
+
+    def __init__(self, config: GatewayConfig, pool: WafPool, hooks: GatewayHooks | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.hooks = hooks or GatewayHooks()
+        self.fail_closed = config.failure_policy == "closed"
+        self.connections: set[SpopProtocol] = set()
+        self.paused: set[SpopProtocol] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: SpopProtocol(self), host, port, reuse_address=True)
+
+    @property
+    def sockets(self):
+        return self._server.sockets if self._server else ()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let evaluations in flight finish, then say goodbye
+        on every connection with AGENT-DISCONNECT."""
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace_s
+        while self.pool.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for proto in list(self.connections):
+            proto.disconnect(Status.NORMAL, "agent shutting down")
+        await asyncio.sleep(0)
+
+    def resume_if_room(self) -> None:
+        if self.paused and self.pool.inflight < self.config.max_inflight // 2:
+            for proto in self.paused:
+                proto.resume()
+            self.paused.clear()
+
+
+class SpopProtocol(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        config = gateway.config
+        self.conn = AgentConnection(max_frame_size=config.max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self._loop = asyncio.get_event_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.gateway.connections.add(self)
+        self.gateway.hooks.connection_opened()
+        self._last_data = self._loop.time()
+        # Until HELLO, a short timeout: slow or silent peers do not hold sockets.
+        self._timer = self._loop.call_later(self.gateway.config.hello_timeout_ms / 1000, self._on_timer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.connections.discard(self)
+        self.gateway.paused.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport = None
+        self.gateway.hooks.connection_closed("io" if exc else "closed")
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self._loop.time()
+        events = self.conn.receive_data(data)
+        hooks = self.gateway.hooks
+        for event in events:
+            if isinstance(event, NotifyReceived):
+                hooks.frame("notify")
+                self._on_notify(event.notify)
+            elif isinstance(event, HelloReceived):
+                hooks.frame("hello")
+                self._arm_idle_timer()
+            elif isinstance(event, DisconnectReceived):
+                hooks.frame("disconnect")
+            elif isinstance(event, ConnectionClosed):
+                hooks.protocol_error(event.status.name.lower())
+                log.warning("SPOP protocol error; disconnecting",
+                            extra={"status": event.status.name, "reason": event.message})
+        self._flush()
+        if self.conn.state is ConnectionState.CLOSED and self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        return False
+
+    # -- evaluation --------------------------------------------------------
+    def _on_notify(self, notify) -> None:
+        gateway = self.gateway
+        started = time.perf_counter()
+        for message in notify.messages:
+            if message.name == mapping.REQUEST_MESSAGE:
+                break
+        else:
+            # Nothing for us in this NOTIFY (another message group): ACK empty.
+            self.ack(notify.stream_id, notify.frame_id, [])
+            return
+        try:
+            request, context = mapping.build_request(dict(message.args), gateway.config.default_app)
+        except (mapping.InvalidMessage, SpopError) as exc:
+            reason = f"invalid request message: {exc}"
+            gateway.hooks.invalid_message(str(exc))
+            gateway.hooks.failure(None, reason, 0.0)
+            self.ack(notify.stream_id, notify.frame_id, mapping.failure_actions(reason, gateway.fail_closed))
+            return
+        gateway.pool.submit(request, partial(self._on_result, notify.stream_id, notify.frame_id,
+                                             context, started))
+        if gateway.pool.inflight >= gateway.config.max_inflight and self.transport is not None:
+            # Backpressure: stop reading NOTIFYs until wafsvc catches up.
+            self.transport.pause_reading()
+            gateway.paused.add(self)
+
+    def _on_result(self, stream_id: int, frame_id: int, context: mapping.RequestContext,
+                   started: float, verdict, error: str | None) -> None:
+        gateway = self.gateway
+        elapsed = time.perf_counter() - started
+        if verdict is not None:
+            gateway.hooks.verdict(context, verdict, elapsed)
+            actions = mapping.verdict_actions(verdict)
+        else:
+            gateway.hooks.failure(context, error or "no verdict", elapsed)
+            log.warning("no verdict; failure policy applied", extra={
+                "unique_id": context.unique_id, "reason": error,
+                "policy": gateway.config.failure_policy})
+            actions = mapping.failure_actions(error or "no verdict", gateway.fail_closed)
+        self.ack(stream_id, frame_id, actions)
+        gateway.resume_if_room()
+
+    # -- output ------------------------------------------------------------
+    def ack(self, stream_id: int, frame_id: int, actions: list) -> None:
+        if self.transport is None:
+            return  # HAProxy went away; the verdict has no one to go to
+        try:
+            self.conn.send_ack(stream_id, frame_id, actions)
+        except SpopError:
+            # Too big for the frame: keep the decision, drop the details.
+            self.conn.send_ack(stream_id, frame_id, actions[:3])
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def disconnect(self, status: Status, message: str) -> None:
+        self.conn.disconnect(status, message)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def resume(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- timeouts ----------------------------------------------------------
+    def _arm_idle_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.gateway.config.idle_timeout_ms / 1000, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.transport is None:
+            return
+        config = self.gateway.config
+        if self.conn.state is not ConnectionState.ESTABLISHED:
+            self.disconnect(Status.TIMEOUT, "no HELLO in time")
+            return
+        idle = self._loop.time() - self._last_data
+        limit = config.idle_timeout_ms / 1000
+        if idle >= limit:
+            self.disconnect(Status.TIMEOUT, "idle")
+        else:
+            self._timer = self._loop.call_later(limit - idle, self._on_timer)

@@ -1,0 +1,48 @@
+"""`make up`: the whole stack in the foreground; Ctrl-C stops it cleanly.
+
+HAProxy on 127.0.0.1:8080 (and :8081, the frontend with ignored rules), the
+gateway on :12345, two wafsvc replicas on :50051 and :50052 running CRS at
+paranoia level 1 in blocking mode, the demo backend on :8000.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from stack.processes import DEBIAN_CRS, Stack, StackSpec
+
+
+def main() -> int:
+    wafsvc_env = {"CRS_DIR": os.environ.get("CRS_DIR", DEBIAN_CRS),
+                  "PARANOIA": os.environ.get("PARANOIA", "1"),
+                  "MODE": os.environ.get("MODE", "block")}
+    for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL"):
+        if os.environ.get(name):
+            wafsvc_env[name] = os.environ[name]
+    replicas = int(os.environ.get("WAFSVC_REPLICAS", "2"))
+    spec = StackSpec(frontend_port=8080, frontend_alt_port=8081, backend_port=8000, gateway_port=12345,
+                     wafsvc_ports=[50051 + i for i in range(replicas)],
+                     wafsvc_workers=int(os.environ.get("WAF_WORKERS", "1")),
+                     wafsvc_env=wafsvc_env)
+    stack = Stack(spec)
+    stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        stack.start()
+        print(f"\nmodsec-spoa is up: http://127.0.0.1:8080/ (Ctrl-C stops it)\n"
+              f"  try: curl -i 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'  -> 403\n",
+              file=sys.stderr, flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping...", file=sys.stderr, flush=True)
+        codes = stack.stop()
+        print("stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
