@@ -1,0 +1,37 @@
+# modsec-spoa: the commands a newcomer needs.
+#   make up      the whole stack in the foreground (HAProxy :8080)
+#   make test    unit + end-to-end tests (real HAProxy, gRPC, libmodsecurity, CRS)
+PY := .venv/bin/python
+CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-crs)
+CRS_TESTS ?= $(CRS_DIR)/tests
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install up test test-unit test-e2e haproxy32 proto proto-check conformance bench clean
+
+install:
+	@bash scripts/install.sh
+
+haproxy32:
+	@bash scripts/fetch-haproxy32.sh
+
+up: install
+	$(PY) -m stack
+
+test: install
+	$(PY) -m wafapi.codegen --check
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+proto: install
+	$(PY) -m wafapi.codegen
+
+proto-check: install
+	$(PY) -m wafapi.codegen --check
+
+clean:
+	rm -rf .venv .tools run .pytest_cache .hypothesis

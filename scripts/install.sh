@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what the local stack and the tests need, idempotently:
+# Debian packages (HAProxy, CRS) and a Python venv in .venv.
+#   scripts/install.sh            runtime + test tools
+#   scripts/install.sh bench      also wrk, nginx + ModSecurity-nginx
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+PKGS=(haproxy modsecurity-crs)
+[ "${1:-}" = bench ] && PKGS+=(wrk nginx libnginx-mod-http-modsecurity)
+missing=()
+for pkg in "${PKGS[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    # The haproxy service must not grab ports or run beside ours.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the packaged services on install; stop them so they do not
+# hold ports (HAProxy's default config) or CPU during tests and benchmarks.
+# Only the packaged service instances are stopped, never our own processes.
+for svc in haproxy nginx; do
+    if [ -n "${missing[*]:-}" ] && [ -x "/etc/init.d/$svc" ]; then
+        $SUDO "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+    fi
+done
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.requirements.sha
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+    echo "$want" > "$stamp"
+fi
