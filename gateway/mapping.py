@@ -101,7 +101,8 @@ def build_request(args: dict, default_app: str = "") -> tuple[waf_pb2.EvaluateRe
     A body shorter than the declared Content-Length was cut by HAProxy
     (tune.bufsize): the request says so, never silently.
     """
-    headers = parse_hdrs_bin(_raw(args, "headers"))
+    raw_headers = _raw(args, "headers")
+    headers = parse_hdrs_bin(raw_headers) if raw_headers else []
     body = _raw(args, "body")
     content_length = -1
     host = ""
