@@ -14,6 +14,10 @@ import sys
 from stack.processes import DEBIAN_CRS, Stack, StackSpec
 
 
+def _interrupt(signo, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     wafsvc_env = {"CRS_DIR": os.environ.get("CRS_DIR", DEBIAN_CRS),
                   "PARANOIA": os.environ.get("PARANOIA", "1"),
@@ -27,8 +31,10 @@ def main() -> int:
                      wafsvc_workers=int(os.environ.get("WAF_WORKERS", "1")),
                      wafsvc_env=wafsvc_env)
     stack = Stack(spec)
-    stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)
-    signal.signal(signal.SIGTERM, stop)
+    # Explicit handlers: a shell that starts us in the background leaves
+    # SIGINT ignored, and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start()
         print(f"\nmodsec-spoa is up: http://127.0.0.1:8080/ (Ctrl-C stops it)\n"

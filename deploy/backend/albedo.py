@@ -14,6 +14,8 @@ import argparse
 import base64
 import json
 import logging
+import signal
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -133,6 +135,15 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 512
 
+    def handle_error(self, request, client_address) -> None:
+        # Clients (HAProxy included) close idle keep-alive connections: normal.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def _stop(signo, frame) -> None:
+    raise KeyboardInterrupt
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,6 +152,7 @@ def main() -> None:
     host, _, port = args.listen.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="albedo %(message)s")
     server = Server((host or "127.0.0.1", int(port)), Handler)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
