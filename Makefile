@@ -1,6 +1,7 @@
 # modsec-spoa: the commands a newcomer needs.
 #   make up      the whole stack in the foreground (HAProxy :8080)
 #   make test    unit + end-to-end tests (real HAProxy, gRPC, libmodsecurity, CRS)
+#   make bench   modsec-spoa vs the raw engine, HAProxy alone and nginx + ModSecurity
 PY := .venv/bin/python
 CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-crs)
 CRS_TESTS ?= $(CRS_DIR)/tests
@@ -32,6 +33,10 @@ proto: install
 
 proto-check: install
 	$(PY) -m wafapi.codegen --check
+
+bench:
+	@bash scripts/install.sh bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .tools run .pytest_cache .hypothesis

@@ -1,0 +1,66 @@
+"""CPU time and memory of processes, straight from /proc (Linux only)."""
+
+from __future__ import annotations
+
+import os
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, all its threads included."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def with_children(pid: int) -> list[int]:
+    return [pid, *children(pid)]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return {"rss_kib": out.get("VmRSS", 0), "peak_kib": out.get("VmHWM", 0)}
+
+
+def total_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def busy_fraction(interval_s: float = 1.0) -> float:
+    """Share of all CPUs that were busy over interval_s (machine-wide)."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as fh:
+            values = [int(x) for x in fh.readline().split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(interval_s)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
