@@ -22,11 +22,25 @@ from gateway.server import Gateway
 log = logging.getLogger("gateway")
 
 
+def hooks(config: GatewayConfig, pool: WafPool):
+    """Request logs always; metrics too when GATEWAY_METRICS is set."""
+    if not config.metrics:
+        from gateway.requestlog import RequestLog
+        return RequestLog(config.log_request_data)
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    from gateway import metrics
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # CPU and memory of the gateway process
+    hooks = metrics.GatewayMetrics(registry, pool, request_data=config.log_request_data)
+    metrics.serve(config.metrics, registry)
+    return hooks
+
+
 async def serve(config: GatewayConfig) -> None:
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
                    max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000)
     await pool.start()
-    gateway = Gateway(config, pool)
+    gateway = Gateway(config, pool, hooks(config, pool))
     host, port = host_port(config.listen)
     await gateway.start(host, port)
     log.info("gateway listening", extra={"listen": config.listen, "wafsvc": config.wafsvc,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from common.options import ConfigError, Option, host_port, parse
+from common.options import ConfigError, Option, boolean, host_port, parse
 
 OPTIONS = (
     Option("listen", "GATEWAY_LISTEN", "127.0.0.1:12345", "SPOP address HAProxy connects to"),
@@ -34,6 +34,9 @@ OPTIONS = (
     Option("default_app", "GATEWAY_DEFAULT_APP", "",
            "rule set used when the SPOE message carries no app argument"),
     Option("metrics", "GATEWAY_METRICS", "", "Prometheus listen address, e.g. 127.0.0.1:9101; empty = off"),
+    Option("log_request_data", "GATEWAY_LOG_REQUEST_DATA", False,
+           "add request-derived data (Host header, the first rule's matched data) to per-request "
+           "log lines; off = ids only. Bodies are never logged", boolean),
     Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error")),
 )
@@ -54,6 +57,7 @@ class GatewayConfig:
     idle_timeout_ms: int = 600000
     default_app: str = ""
     metrics: str = ""
+    log_request_data: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:

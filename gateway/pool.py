@@ -121,6 +121,7 @@ class WafPool:
         self.max_batch = max_batch
         self.stats = PoolStats()
         self.on_retry: Callable[[str], None] | None = None  # worker name -> metrics
+        self.on_error: Callable[[str, str], None] | None = None  # (worker name, gRPC code) -> metrics
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata)
         self._channel_count = channels
@@ -265,6 +266,8 @@ class WafPool:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
+                if self.on_error is not None and not self._closing:
+                    self.on_error(lane.worker.name if lane.worker else "", exc.code().name)
                 if not self._closing:
                     log.warning("stream to wafsvc failed", extra={
                         "lane": lane.index, "worker": lane.worker.name if lane.worker else None,
@@ -307,6 +310,8 @@ class WafPool:
                 self._finish(pending, item.verdict, None)
                 continue
             self.stats.errors += 1
+            if self.on_error is not None:
+                self.on_error(lane.worker.name if lane.worker else "", item.error.code)
             reason = f"{item.error.code}: {item.error.message}"
             if item.error.code in RETRYABLE and self._can_retry(pending):
                 self._retry(pending, lane.worker)

@@ -22,14 +22,17 @@ def main() -> int:
     wafsvc_env = {"CRS_DIR": os.environ.get("CRS_DIR", DEBIAN_CRS),
                   "PARANOIA": os.environ.get("PARANOIA", "1"),
                   "MODE": os.environ.get("MODE", "block")}
-    for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL"):
+    for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL", "WAF_AUDIT_LOG"):
         if os.environ.get(name):
             wafsvc_env[name] = os.environ[name]
     replicas = int(os.environ.get("WAFSVC_REPLICAS", "2"))
     spec = StackSpec(frontend_port=8080, frontend_alt_port=8081, backend_port=8000, gateway_port=12345,
                      wafsvc_ports=[50051 + i for i in range(replicas)],
                      wafsvc_workers=int(os.environ.get("WAF_WORKERS", "1")),
-                     wafsvc_env=wafsvc_env)
+                     wafsvc_env=wafsvc_env,
+                     # Prometheus: gateway on :9101, wafsvc replicas on :9102, :9103...
+                     wafsvc_metrics_ports=[9102 + i for i in range(replicas)],
+                     gateway_env={"GATEWAY_METRICS": "127.0.0.1:9101"})
     stack = Stack(spec)
     # Explicit handlers: a shell that starts us in the background leaves
     # SIGINT ignored, and Python would then never raise KeyboardInterrupt.

@@ -65,6 +65,8 @@ class StackSpec:
     gateway_port: int = field(default_factory=free_port)
     wafsvc_ports: list[int] = field(default_factory=lambda: [free_port()])
     wafsvc_workers: int = 1
+    # Prometheus /metrics per wafsvc replica (same order as wafsvc_ports); empty = off.
+    wafsvc_metrics_ports: list[int] = field(default_factory=list)
     # RULES / CRS_DIR / PARANOIA / MODE / WAF_* for every replica.
     wafsvc_env: dict[str, str] = field(default_factory=lambda: {"CRS_DIR": DEBIAN_CRS})
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -106,6 +108,8 @@ class Stack:
         port = self.spec.wafsvc_ports[index]
         env = {"WAF_LISTEN": f"127.0.0.1:{port}", "WAF_WORKERS": str(self.spec.wafsvc_workers),
                **self.spec.wafsvc_env}
+        if index < len(self.spec.wafsvc_metrics_ports):
+            env["WAF_METRICS"] = f"127.0.0.1:{self.spec.wafsvc_metrics_ports[index]}"
         proc = self._spawn(f"wafsvc{index + 1}", [sys.executable, "-m", "wafsvc"], env)
         return proc
 

@@ -33,7 +33,8 @@ RESTART_BACKOFF_S = 0.5
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
     common = dict(base_conf=config.base_conf, mode=config.mode, crs_dir=config.crs_dir,
                   crs_setup=config.crs_setup, paranoia=config.paranoia,
-                  extra_directives=config.extra_directives)
+                  extra_directives=config.extra_directives,
+                  audit_log=config.audit_log, audit_log_parts=config.audit_log_parts)
     specs = {}
     if config.rules or config.crs_dir:
         specs[""] = RuleSetSpec(rules_file=config.rules, **common)
@@ -43,9 +44,11 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
 
 
 async def serve(config: WafConfig, engine: Engine) -> None:
+    from wafsvc.metrics import observe
     from wafsvc.service import build_server, set_serving
 
-    server, servicer, health = build_server(engine, config.listen, config.max_request_bytes)
+    observed = observe(engine)  # metrics (WAF_METRICS) and per-request logs
+    server, servicer, health = build_server(observed, config.listen, config.max_request_bytes)
     await server.start()
     await set_serving(health, True)
     log.info("worker serving", extra={"listen": config.listen, "worker": servicer.worker_id})
@@ -53,7 +56,7 @@ async def serve(config: WafConfig, engine: Engine) -> None:
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config) and observed.sync_rules())
     await stopping.wait()
     # NOT_SERVING first, so health-checking balancers stop sending, then
     # finish what is in flight.
@@ -93,16 +96,21 @@ class Supervisor:
         self.config = config
         self.engine = engine
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.exporter = None  # wafsvc.metrics.Exporter when WAF_METRICS is set
 
     def spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:
             os._exit(run_worker(self.config, self.engine))
         self.children[pid] = index
+        if self.exporter is not None:
+            self.exporter.worker_started()
 
     def run(self) -> int:
         handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        if self.exporter is not None:
+            self.exporter.start()
         for index in range(self.config.workers):
             self.spawn(index)
         stopping = False
@@ -113,9 +121,13 @@ class Supervisor:
                 log.info("stopping: draining workers")
                 self.signal_children(signal.SIGTERM)
             elif info.si_signo == signal.SIGHUP:
-                reload(self.engine, self.config)  # so restarted workers get the new rules
+                ok = reload(self.engine, self.config)  # so restarted workers get the new rules
+                if self.exporter is not None:
+                    self.exporter.reloaded(ok, self.engine)
                 self.signal_children(signal.SIGHUP)
             self.reap(restart=not stopping)
+        if self.exporter is not None:
+            self.exporter.stop()
         return 0
 
     def signal_children(self, signo: int) -> None:
@@ -131,6 +143,8 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.children.pop(pid, None)
+            if self.exporter is not None:
+                self.exporter.reaped(pid, restart, index is not None)
             if index is None:
                 continue
             if restart:
@@ -146,14 +160,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wafsvc: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, "wafsvc")
+    exporter = None
+    if config.metrics:
+        from wafsvc.metrics import Exporter
+        try:
+            exporter = Exporter(config.metrics)  # before any worker exists: they inherit its directory
+        except OSError as exc:
+            log.error("cannot listen for metrics", extra={"metrics": config.metrics, "error": str(exc)})
+            return 1
     try:
         engine = Engine(rule_specs(config), config.ignore_profiles)
     except RulesError as exc:
         log.error("cannot load rules", extra={"error": str(exc)})
+        if exporter is not None:
+            exporter.stop()
         return 1
     log.info("rules loaded", extra={"rules": dict(engine.loaded.rule_counts), "workers": config.workers,
                                     "mode": config.mode, "paranoia": config.paranoia})
-    return Supervisor(config, engine).run()
+    supervisor = Supervisor(config, engine)
+    supervisor.exporter = exporter
+    return supervisor.run()
 
 
 if __name__ == "__main__":

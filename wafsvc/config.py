@@ -23,6 +23,13 @@ def _apps(text: str) -> dict[str, str]:
     return apps
 
 
+def _audit_parts(text: str) -> str:
+    parts = text.strip().upper()
+    if not parts or set(parts) - set("ABCDEFGHIJKZ"):
+        raise ValueError(f"audit log parts are letters among ABCDEFGHIJKZ, got {text!r}")
+    return parts
+
+
 OPTIONS = (
     Option("listen", "WAF_LISTEN", "127.0.0.1:50051",
            "gRPC address; every worker binds it with SO_REUSEPORT"),
@@ -49,6 +56,12 @@ OPTIONS = (
            "rule sets kept per distinct ignored-rule list (each costs a rule set's memory)", int),
     Option("max_request_bytes", "WAF_MAX_REQUEST_BYTES", 4 * 1024 * 1024,
            "largest gRPC message accepted", int),
+    Option("audit_log", "WAF_AUDIT_LOG", "",
+           "ModSecurity audit log file: JSON, one line per relevant transaction (a rule with 'log' "
+           "matched), keyed by HAProxy's unique-id; shared safely by all workers; empty = off"),
+    Option("audit_log_parts", "WAF_AUDIT_LOG_PARTS", "ABHZ",
+           "SecAuditLogParts: A B (request headers) H (matches) Z by default; add C to log request "
+           "bodies", _audit_parts),
     Option("metrics", "WAF_METRICS", "",
            "Prometheus listen address, e.g. 127.0.0.1:9102; empty = off"),
     Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
@@ -70,6 +83,8 @@ class WafConfig:
     extra_directives: str = ""
     ignore_profiles: int = 32
     max_request_bytes: int = 4 * 1024 * 1024
+    audit_log: str = ""
+    audit_log_parts: str = "ABHZ"
     metrics: str = ""
     log_level: str = "info"
 
@@ -92,6 +107,8 @@ class WafConfig:
                 address and host_port(address)
             except ValueError as exc:
                 raise ConfigError(f"{label}: {exc}") from None
+        if self.audit_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.audit_log))):
+            raise ConfigError(f"WAF_AUDIT_LOG: the directory of {self.audit_log} does not exist")
         for label, path in (("RULES", self.rules), ("CRS_DIR", self.crs_dir),
                             ("WAF_BASE_CONF", self.base_conf), *self.apps.items()):
             if path and not os.path.exists(path):

@@ -32,6 +32,8 @@ class RuleSetSpec:
     paranoia: int = 1
     rules_file: str = ""
     extra_directives: str = ""
+    audit_log: str = ""
+    audit_log_parts: str = "ABHZ"
 
 
 def find_crs_setup(crs_dir: str, explicit: str = "") -> str:
@@ -88,8 +90,26 @@ def _crs_lines(spec: RuleSetSpec) -> Iterable[str]:
         yield _include(after)
 
 
+def _audit_lines(spec: RuleSetSpec) -> Iterable[str]:
+    """The audit log, set in the first (only) load, where engine settings
+    count. Serial: every process appends to one file; libmodsecurity takes
+    an fcntl lock around each entry and flushes it, so entries from several
+    workers never interleave and none waits in a buffer at SIGTERM. The file
+    is opened once per path and never reopened, even by a reload: rotate
+    with copytruncate (it is opened O_APPEND)."""
+    if not spec.audit_log:
+        return
+    yield "SecAuditEngine RelevantOnly"
+    yield "SecAuditLogFormat JSON"
+    yield "SecAuditLogType Serial"
+    yield f"SecAuditLogParts {spec.audit_log_parts}"
+    yield f'SecAuditLog "{os.path.abspath(spec.audit_log)}"'
+
+
 def compose(spec: RuleSetSpec, removed_ids: Iterable[int] = ()) -> str:
-    lines = [_include(spec.base_conf)]
+    # Audit settings right after the base config (which turns it off), before
+    # the rules, so that WAF_DIRECTIVES can still override them.
+    lines = [_include(spec.base_conf), *_audit_lines(spec)]
     if spec.crs_dir:
         lines.extend(_crs_lines(spec))
     if spec.rules_file:

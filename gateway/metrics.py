@@ -1,0 +1,198 @@
+"""Prometheus metrics of the gateway (GATEWAY_METRICS=HOST:PORT turns them on).
+
+One process, one registry. The hot path (one verdict) costs a few dict
+lookups and counter increments: label children are created once and cached,
+label values from requests (Host) or HAProxy (frontend) are bounded, and the
+pool's own counters are plain ints read only when Prometheus scrapes.
+
+Names and one PromQL query each: README, "Metrics and logs".
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from common.metrics import BoundedValues, ChildCache, bind_http
+from gateway import mapping
+from gateway.requestlog import RequestLog
+
+log = logging.getLogger("gateway.metrics")
+
+# Gateway end to end: NOTIFY decoded -> verdict ready. The deadline (400 ms
+# by default) is the last bucket that matters.
+LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .025, .05, .1, .2, .4, .8, 1.6)
+
+PASS, BLOCK, MATCH, ERROR = "pass", "block", "match", "error"
+_GRPC_CODE = re.compile(r"^([A-Z_]{4,}): ")
+
+
+def verdict_kind(verdict) -> str:
+    """block: the engine stopped the request; match: rules matched but it
+    passes (every would-be block in MODE=detect); pass: nothing matched."""
+    if verdict.intervention:
+        return BLOCK
+    return MATCH if len(verdict.matches) else PASS
+
+
+def failure_reason(context, reason: str) -> str:
+    """A bounded label for the pool's free-text failure reasons."""
+    if context is None:
+        return "invalid_message"
+    code = _GRPC_CODE.match(reason)
+    if code:
+        return code.group(1).lower()   # wafsvc refused or failed on the request
+    if "deadline" in reason:
+        return "timeout"
+    if "stream" in reason or "unavailable" in reason.lower():
+        return "unavailable"
+    return "other"
+
+
+class PoolCollector:
+    """Reads WafPool's plain-int counters at scrape time: zero hot-path cost."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        stats = self.pool.stats
+        for name, value, doc in (
+                ("submitted", stats.submitted, "evaluations handed to the pool"),
+                ("answered", stats.answered, "evaluations answered (verdict or failure)"),
+                ("timeouts", stats.timeouts, "evaluations that reached the deadline without a verdict"),
+                ("retries", stats.retries, "evaluations sent again to another worker"),
+                ("stream_failures", stats.lane_failures, "evaluation streams to wafsvc that failed and were reopened"),
+                ("errors", stats.errors, "per-request errors reported by wafsvc")):
+            family = CounterMetricFamily(f"modsec_gateway_pool_{name}", doc)
+            family.add_metric([], value)
+            yield family
+        inflight = GaugeMetricFamily("modsec_gateway_pool_inflight", "evaluations waiting for wafsvc now")
+        inflight.add_metric([], self.pool.inflight)
+        yield inflight
+        workers = GaugeMetricFamily("modsec_gateway_pool_workers",
+                                    "wafsvc worker processes with at least one open stream")
+        workers.add_metric([], len(self.pool.live_workers()))
+        yield workers
+
+
+class GatewayMetrics(RequestLog):
+    """The server's hooks with metrics; logging comes from RequestLog."""
+
+    def __init__(self, registry: CollectorRegistry, pool=None, *, request_data: bool = False,
+                 max_label_values: int = 64) -> None:
+        super().__init__(request_data)
+        r = registry
+        self._open = Gauge("modsec_gateway_spop_connections_open", "SPOP connections from HAProxy open now",
+                           registry=r)
+        self._opened = Counter("modsec_gateway_spop_connections_opened", "SPOP connections accepted",
+                               registry=r)
+        closed = Counter("modsec_gateway_spop_connections_closed", "SPOP connections closed, by how",
+                         ["reason"], registry=r)
+        self._closed = ChildCache(lambda reason: closed.labels(reason))
+        frames = Counter("modsec_gateway_spop_frames", "SPOP frames received from HAProxy, by type",
+                         ["type"], registry=r)
+        self._frames = ChildCache(lambda kind: frames.labels(kind))
+        protocol = Counter("modsec_gateway_spop_protocol_errors",
+                           "connections dropped for a malformed or unexpected SPOP frame, by SPOP status",
+                           ["status"], registry=r)
+        self._protocol = ChildCache(lambda status: protocol.labels(status))
+        invalid = Counter("modsec_gateway_invalid_requests",
+                          "requests that could not be inspected whole: malformed SPOP frame or message, "
+                          "body truncated by HAProxy, or an error from the engine", ["reason"], registry=r)
+        self._invalid = ChildCache(lambda reason: invalid.labels(reason))
+        evaluations = Counter("modsec_gateway_evaluations", "evaluations by verdict (pass, block, match, error) "
+                              "and application rule set", ["verdict", "app"], registry=r)
+        self._evaluations = ChildCache(lambda key: evaluations.labels(*key))
+        failures = Counter("modsec_gateway_failures", "requests answered by the failure policy, by reason",
+                           ["reason"], registry=r)
+        self._failures = ChildCache(lambda reason: failures.labels(reason))
+        blocks = Counter("modsec_gateway_blocks", "blocked requests by HAProxy frontend and Host (host:port)",
+                         ["frontend", "host"], registry=r)
+        self._blocks = ChildCache(lambda key: blocks.labels(*key))
+        rules = Counter("modsec_gateway_rule_matches", "rule matches by rule id, and whether the request "
+                        "was blocked", ["rule_id", "outcome"], registry=r)
+        self._rules = ChildCache(lambda key: rules.labels(str(key[0]), key[1]))
+        self._latency = Histogram("modsec_gateway_request_duration_seconds",
+                                  "time from NOTIFY to verdict in the gateway, wafsvc round trip included",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        grpc_errors = Counter("modsec_gateway_grpc_errors", "errors from wafsvc: per-request error codes and "
+                              "failed streams, by wafsvc worker", ["worker", "code"], registry=r)
+        self._grpc_errors = ChildCache(lambda key: grpc_errors.labels(*key))
+        retries = Counter("modsec_gateway_grpc_retries", "evaluations retried elsewhere, by the worker that "
+                          "failed them", ["worker"], registry=r)
+        self._retries = ChildCache(lambda worker: retries.labels(worker))
+        self._frontends = BoundedValues(max_label_values)
+        self._hosts = BoundedValues(max_label_values)
+        self._apps = BoundedValues(max_label_values)
+        if pool is not None:
+            registry.register(PoolCollector(pool))
+            pool.on_retry = self.retried
+            if hasattr(pool, "on_error"):
+                pool.on_error = self.grpc_error
+
+    # -- GatewayHooks --------------------------------------------------------
+    def connection_opened(self) -> None:
+        self._open.inc()
+        self._opened.inc()
+
+    def connection_closed(self, status: str) -> None:
+        self._open.dec()
+        self._closed[status].inc()
+
+    def frame(self, kind: str) -> None:
+        self._frames[kind].inc()
+
+    def protocol_error(self, status: str) -> None:
+        self._protocol[status].inc()
+        self._invalid["spop_frame"].inc()
+
+    def invalid_message(self, reason: str) -> None:
+        super().invalid_message(reason)
+        self._invalid["message"].inc()
+
+    def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
+        super().verdict(context, verdict, seconds)
+        self._latency.observe(seconds)
+        kind = verdict_kind(verdict)
+        self._evaluations[(kind, self._apps(context.app or "default"))].inc()
+        if context.body_truncated:
+            self._invalid["body_truncated"].inc()
+        if kind == BLOCK:
+            self._blocks[(self._frontends(context.frontend), self._hosts(context.host))].inc()
+        if kind != PASS:
+            outcome = "blocked" if kind == BLOCK else "passed"
+            for match in verdict.matches:
+                self._rules[(match.id, outcome)].inc()
+
+    def failure(self, context, reason: str, seconds: float) -> None:
+        label = failure_reason(context, reason)
+        self._failures[label].inc()
+        if context is None:
+            return  # an invalid message: counted by invalid_message, never evaluated
+        self._latency.observe(seconds)
+        self._evaluations[(ERROR, self._apps(context.app or "default"))].inc()
+        if label not in ("timeout", "unavailable", "other"):
+            self._invalid["engine_error"].inc()
+        if context.body_truncated:
+            self._invalid["body_truncated"].inc()
+
+    # -- pool ----------------------------------------------------------------
+    def retried(self, worker: str) -> None:
+        self._retries[worker].inc()
+
+    def grpc_error(self, worker: str, code: str) -> None:
+        self._grpc_errors[(worker or "unknown", code)].inc()
+
+
+def serve(address: str, registry: CollectorRegistry):
+    """Serves /metrics on a daemon thread; the event loop never waits on it."""
+    server = bind_http(address, registry)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    log.info("metrics listening", extra={"metrics": address})
+    return server

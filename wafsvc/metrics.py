@@ -1,0 +1,239 @@
+"""Prometheus metrics and per-request logs of wafsvc.
+
+One scrape shows the whole replica. wafsvc runs several worker processes, so
+prometheus-client's multiprocess mode is used: before anything imports
+prometheus_client, the supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh
+private directory; every process then writes its values to its own
+memory-mapped files there, and a small HTTP server (forked by the
+supervisor, so the supervisor itself stays single-threaded) merges them per
+scrape with MultiProcessCollector. When a worker exits, its live gauges are
+dropped (mark_process_dead); its counters stay, so totals never go back.
+
+Workers see requests through ObservedEngine, a thin wrapper around the
+engine: the gRPC service is unchanged and metrics cost one extra call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Callable
+
+from wafsvc.engine import EvaluationFailed
+
+log = logging.getLogger("wafsvc.requests")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Engine work for one request: ~0.7 ms for a CRS GET, several ms for forms.
+ENGINE_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .01, .025, .05, .1, .25, 1.0)
+PASS, BLOCK, MATCH, ERROR = "pass", "block", "match", "error"
+ACTIVE: "WafMetrics | None" = None   # set in the supervisor, inherited by the workers
+
+
+def verdict_kind(verdict) -> str:
+    """Same classes as the gateway's: block, match (not blocked), pass."""
+    if verdict.intervention:
+        return BLOCK
+    return MATCH if len(verdict.matches) else PASS
+
+
+class WafMetrics:
+    """Metric objects; `registry=None` in multiprocess mode (the collector
+    reads the files), a CollectorRegistry in unit tests."""
+
+    def __init__(self, registry=None) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        r = registry
+        self.evaluations = Counter("modsec_waf_evaluations", "evaluations by application rule set and verdict "
+                                   "(pass, block, match, error)", ["app", "verdict"], registry=r)
+        self.rule_matches = Counter("modsec_waf_rule_matches", "rule matches by rule set, rule id, and whether "
+                                    "the request was blocked", ["app", "rule_id", "outcome"], registry=r)
+        self.invalid = Counter("modsec_waf_invalid_requests", "requests not inspected whole: body truncated "
+                               "before inspection, or refused/failed by the engine (error code)",
+                               ["app", "reason"], registry=r)
+        self.engine_seconds = Histogram("modsec_waf_engine_duration_seconds", "libmodsecurity work for one "
+                                        "request (phases 1-2 and logging)", ["app"], buckets=ENGINE_BUCKETS,
+                                        registry=r)
+        self.rules_loaded = Gauge("modsec_waf_rules_loaded", "rules in the rule set in service, per rule set",
+                                  ["app"], multiprocess_mode="livemax", registry=r)
+        self.loaded_at = Gauge("modsec_waf_rules_loaded_timestamp_seconds", "when the oldest rule set still "
+                               "in service in a live process was loaded (Unix time)",
+                               multiprocess_mode="livemin", registry=r)
+        self.reloads = Counter("modsec_waf_reloads", "rule reloads (SIGHUP) by result; a failed reload "
+                               "keeps the previous rules", ["result"], registry=r)
+        self.workers = Gauge("modsec_waf_workers", "worker processes alive in this replica",
+                             multiprocess_mode="livesum", registry=r)
+        self.restarts = Counter("modsec_waf_worker_restarts", "worker processes that died and were restarted",
+                                registry=r)
+
+    def rules(self, loaded) -> None:
+        for app, count in loaded.rule_counts.items():
+            self.rules_loaded.labels(app or "default").set(count)
+        self.loaded_at.set(loaded.loaded_at)
+
+
+class ObservedEngine:
+    """The engine as the gRPC service sees it, plus metrics and logs.
+
+    Blocks are logged at info, everything else per request at debug, errors
+    at warning; lines carry the request's unique_id (HAProxy's unique-id),
+    never request data.
+    """
+
+    def __init__(self, engine, metrics: WafMetrics | None) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._children: dict = {}
+        if metrics is not None:
+            metrics.rules(engine.loaded)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def sync_rules(self) -> None:
+        """After a reload: the rules gauges describe what now serves."""
+        if self._metrics is not None:
+            self._metrics.rules(self._engine.loaded)
+
+    def evaluate(self, req, verdict=None):
+        try:
+            verdict = self._engine.evaluate(req, verdict)
+        except EvaluationFailed as exc:
+            self._failed(req, exc)
+            raise
+        kind = verdict_kind(verdict)
+        if self._metrics is not None:
+            self._count(req, verdict, kind)
+        if kind == BLOCK:
+            log.info("request blocked", extra=self._event(req, verdict))
+        elif self._debug:
+            log.debug("request evaluated", extra={**self._event(req, verdict), "verdict": kind})
+        return verdict
+
+    # -- hot path helpers ----------------------------------------------------
+    def _child(self, metric, *labels):
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _count(self, req, verdict, kind: str) -> None:
+        m = self._metrics
+        app = req.application or "default"
+        self._child(m.evaluations, app, kind).inc()
+        self._child(m.engine_seconds, app).observe(verdict.engine_time_us / 1e6)
+        if req.body_truncated:
+            self._child(m.invalid, app, "body_truncated").inc()
+        if kind != PASS:
+            outcome = "blocked" if kind == BLOCK else "passed"
+            for match in verdict.matches:
+                self._child(m.rule_matches, app, str(match.id), outcome).inc()
+
+    def _failed(self, req, exc: EvaluationFailed) -> None:
+        app = req.application or "default"
+        if self._metrics is not None:
+            # Unknown application names are client input: not a label.
+            label = app if app in self._engine.loaded.rule_counts else "_unknown"
+            self._child(self._metrics.evaluations, label, ERROR).inc()
+            self._child(self._metrics.invalid, label, exc.code.lower()).inc()
+        log.warning("evaluation failed", extra={"unique_id": req.transaction_id, "app": app,
+                                                "code": exc.code, "error": exc.message})
+
+    @staticmethod
+    def _event(req, verdict) -> dict:
+        return {"unique_id": req.transaction_id, "app": req.application or "default",
+                "status": verdict.status, "rules": [m.id for m in verdict.matches],
+                "engine_us": verdict.engine_time_us}
+
+
+def observe(engine) -> ObservedEngine:
+    return ObservedEngine(engine, ACTIVE)
+
+
+class Exporter:
+    """The supervisor's side: the multiprocess directory, its own metrics
+    (workers, restarts, reloads) and the /metrics server process."""
+
+    def __init__(self, address: str) -> None:
+        global ACTIVE
+        if "prometheus_client" in sys.modules and os.environ.get(MULTIPROC_ENV) is None:
+            raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+        # Private and fresh: values left by an earlier run must not be summed in.
+        self.path = tempfile.mkdtemp(prefix="wafsvc-metrics-")
+        os.environ[MULTIPROC_ENV] = self.path
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from common.metrics import bind_http
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.path)
+        self.server = bind_http(address, registry)   # fails here, at start, if the port is taken
+        self.address = address
+        self.metrics = ACTIVE = WafMetrics()
+        self.pid = 0
+        self.live_workers = 0
+
+    # -- the HTTP server process -------------------------------------------
+    def start(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(self._serve())
+        self.pid = pid
+        log.info("metrics listening", extra={"metrics": self.address, "pid": pid})
+
+    def _serve(self) -> int:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor decides when we stop
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            self.server.serve_forever()
+        except SystemExit:
+            pass
+        return 0
+
+    def stop(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = 0
+        self.server.server_close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- supervisor events -------------------------------------------------
+    def worker_started(self) -> None:
+        self.live_workers += 1
+        self.metrics.workers.set(self.live_workers)
+
+    def reaped(self, pid: int, restart: bool, was_worker: bool) -> None:
+        """A child exited: drop its live gauges; restart the HTTP server if
+        it was the one that died."""
+        from prometheus_client import multiprocess
+
+        if pid == self.pid:
+            self.pid = 0
+            if restart:
+                log.error("metrics server died; restarting", extra={"pid": pid})
+                self.start()
+            return
+        multiprocess.mark_process_dead(pid, self.path)
+        if was_worker:
+            self.live_workers -= 1
+            self.metrics.workers.set(self.live_workers)
+            if restart:
+                self.metrics.restarts.inc()
+
+    def reloaded(self, ok: bool, engine) -> None:
+        self.metrics.reloads.labels("success" if ok else "failure").inc()
+        self.metrics.rules(engine.loaded)
