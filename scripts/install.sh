@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
-PKGS=(haproxy modsecurity-crs)
+# docker-compose: only to check docker-compose.yml in the tests (no engine).
+PKGS=(haproxy modsecurity-crs docker-compose)
 [ "${1:-}" = bench ] && PKGS+=(wrk nginx libnginx-mod-http-modsecurity)
 missing=()
 for pkg in "${PKGS[@]}"; do
