@@ -1,0 +1,558 @@
+"""Packaging: Compose, the Dockerfiles and the Kubernetes manifests agree
+with each other and with what the local stack runs. No Docker engine or
+cluster is needed; docker-compose and kubectl are used when installed, for
+`config` and `kustomize` only, which open no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import yaml
+
+from common.options import host_port
+from gateway.config import OPTIONS as GATEWAY_OPTIONS
+from stack import processes
+from wafapi import waf_pb2
+from wafsvc import healthcheck
+from wafsvc.__main__ import DRAIN_GRACE_S
+from wafsvc.config import OPTIONS as WAFSVC_OPTIONS
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+HAPROXY_DOCKERFILE = DEPLOY / "docker" / "haproxy.Dockerfile"
+HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
+IMAGE_HAPROXY_DIR = "/usr/local/etc/haproxy"  # the official image's config dir
+WAF_SERVICE = waf_pb2.DESCRIPTOR.services_by_name["Waf"].full_name
+
+sys.path.insert(0, str(DEPLOY / "docker"))
+import fetch_crs  # noqa: E402  (a build-time script, not a package)
+
+
+def load_all(path: pathlib.Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def gateway_envs() -> set[str]:
+    return {opt.env for opt in GATEWAY_OPTIONS}
+
+
+def wafsvc_envs() -> set[str]:
+    return {opt.env for opt in WAFSVC_OPTIONS}
+
+
+def haproxy_envs() -> set[str]:
+    """Every variable haproxy.cfg reads: presetenv defaults and ${VAR} /
+    defined(VAR) references."""
+    text = HAPROXY_CFG.read_text()
+    return (set(re.findall(r"^\s*presetenv\s+(\w+)", text, re.M))
+            | set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"defined\((\w+)\)", text)))
+
+
+def port_of(address: str) -> int:
+    return host_port(address)[1]
+
+
+def stack_haproxy_env_names() -> set[str]:
+    """The names the native stack (make up, the e2e tests) gives HAProxy."""
+    source = inspect.getsource(processes.Stack.start_haproxy)
+    return set(re.findall(r'"([A-Z][A-Z0-9_]+)":', source))
+
+
+def stack_default(name: str):
+    return next(f.default for f in dataclasses.fields(processes.StackSpec) if f.name == name)
+
+
+# ---------------------------------------------------------------- Compose --
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def test_compose_runs_the_whole_topology(compose):
+    assert set(compose["services"]) == {"haproxy", "gateway", "wafsvc", "backend"}
+
+
+def test_wafsvc_can_scale(compose):
+    """--scale wafsvc=N needs no fixed name and no host port."""
+    wafsvc = compose["services"]["wafsvc"]
+    assert "container_name" not in wafsvc
+    assert "ports" not in wafsvc
+    assert "wafsvc.healthcheck" in " ".join(wafsvc["healthcheck"]["test"])
+
+
+def test_compose_addresses_line_up(compose):
+    services = compose["services"]
+    haproxy, gateway, wafsvc = (env_of(services[name]) for name in ("haproxy", "gateway", "wafsvc"))
+    # The gateway dials every replica through Docker's DNS.
+    assert gateway["GATEWAY_WAFSVC"] == f"dns:///wafsvc:{port_of(wafsvc['WAF_LISTEN'])}"
+    assert haproxy["GATEWAY_ADDR"] == f"gateway:{port_of(gateway['GATEWAY_LISTEN'])}"
+    backend_host, backend_port = haproxy["BACKEND_ADDR"].split(":")
+    assert backend_host in services and backend_port in services[backend_host]["expose"]
+    assert str(port_of(wafsvc["WAF_LISTEN"])) in services["wafsvc"]["expose"]
+    # The scrape ports the observability configs expect.
+    assert port_of(gateway["GATEWAY_METRICS"]) == 9101
+    assert port_of(wafsvc["WAF_METRICS"]) == 9102
+    published = {entry.split(":")[-1] for entry in services["haproxy"]["ports"]}
+    assert {str(port_of(haproxy["FRONTEND_ADDR"])), str(port_of(haproxy["FRONTEND_ALT_ADDR"]))} <= published
+
+
+def test_compose_env_names_exist_in_the_option_tables_and_haproxy_cfg(compose):
+    services = compose["services"]
+    for name, known in (("gateway", gateway_envs()), ("wafsvc", wafsvc_envs()), ("haproxy", haproxy_envs())):
+        unknown = set(env_of(services[name])) - known
+        assert not unknown, f"{name} sets variables nothing reads: {unknown}"
+
+
+def test_compose_and_local_stack_feed_haproxy_the_same_files_and_names(compose):
+    haproxy = env_of(compose["services"]["haproxy"])
+    assert stack_haproxy_env_names() <= set(haproxy)
+    cfg, spoe = stack_default("haproxy_cfg"), stack_default("spoe_conf")
+    copied = re.search(r"^COPY (.+) (\S+)/$", HAPROXY_DOCKERFILE.read_text(), re.M)
+    sources, dest = copied.group(1).split(), copied.group(2)
+    assert [ROOT / s for s in sources] == [cfg, spoe]
+    assert dest == IMAGE_HAPROXY_DIR
+    assert haproxy["SPOE_CONF"] == f"{IMAGE_HAPROXY_DIR}/{spoe.name}"
+
+
+def test_compose_mounts_exist(compose):
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+
+
+def test_compose_rules_file_is_what_wafsvc_is_told_to_load(compose):
+    wafsvc = compose["services"]["wafsvc"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in wafsvc["volumes"]}
+    assert env_of(wafsvc)["RULES"] in mounts
+
+
+def test_compose_waits_only_on_services_that_have_a_healthcheck(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        depends_on = service.get("depends_on", {})
+        for dependency in depends_on if isinstance(depends_on, dict) else ():
+            if depends_on[dependency]["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{name} waits on {dependency}'s health"
+
+
+def test_compose_file_passes_docker_compose_config():
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (scripts/install.sh installs it from apt)")
+    result = subprocess.run([binary, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------- Dockerfiles --
+
+def stages(dockerfile: pathlib.Path) -> dict[str, str]:
+    """Stage name -> its text."""
+    text = dockerfile.read_text()
+    parts = re.split(r"^(?=FROM )", text, flags=re.M)
+    out = {}
+    for part in parts[1:]:
+        match = re.match(r"FROM (\S+)(?: AS (\S+))?", part)
+        out[match.group(2) or match.group(1)] = part
+    return out
+
+
+def dockerignore_allows(path: str) -> bool:
+    allowed = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        if pattern == "*" or path == pattern or path.startswith(pattern + "/"):
+            allowed = negate
+    return allowed
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, HAPROXY_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_copies_only_files_that_exist_and_reach_the_context(dockerfile):
+    for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M):
+        for source in line.split()[:-1]:
+            assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} is missing"
+            assert dockerignore_allows(source.rstrip("/")), f".dockerignore drops {source}"
+
+
+def test_final_images_are_slim_debian_and_non_root():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
+    assert "alpine" not in text.lower().replace("never alpine", "")
+    for name in ("wafsvc", "gateway", "backend"):
+        stage = stages(DOCKERFILE)[name]
+        assert re.search(r"^USER 10001(:10001)?$", stage, re.M), f"{name} must run as uid 10001"
+        assert "pip install" not in stage and "apt-get" not in stage, f"{name} must not build anything"
+    # Dependencies only from wheels: no compiler needed, none shipped.
+    for name in ("deps-wafsvc", "deps-gateway"):
+        assert "--only-binary=:all:" in stages(DOCKERFILE)[name]
+    assert "libmodsecurity" not in stages(DOCKERFILE)["gateway"]
+
+
+def test_image_env_names_exist_in_the_option_tables():
+    for name, known in (("wafsvc", wafsvc_envs()), ("gateway", gateway_envs())):
+        for line in re.findall(r"^ENV (.+)$", stages(DOCKERFILE)[name], re.M):
+            assert {pair.split("=")[0] for pair in line.split()} <= known
+    for line in re.findall(r"^ENV (.+(?:\\\n.+)*)$", HAPROXY_DOCKERFILE.read_text(), re.M):
+        names = set(re.findall(r"(\w+)=", line))
+        assert names <= haproxy_envs()
+
+
+def test_wafsvc_image_keeps_the_base_config_where_the_default_points():
+    """WAF_BASE_CONF defaults to rules/modsecurity.conf beside the package."""
+    base_default = next(opt.default for opt in WAFSVC_OPTIONS if opt.env == "WAF_BASE_CONF")
+    assert pathlib.Path(base_default) == ROOT / "rules" / "modsecurity.conf"
+    stage = stages(DOCKERFILE)["wafsvc"]
+    assert "COPY rules/ /app/rules/" in stage and "COPY wafsvc/ /app/wafsvc/" in stage
+    assert "CRS_DIR=/opt/crs" in stage and "COPY --from=crs /opt/crs /opt/crs" in stage
+
+
+def test_crs_is_pinned_by_version_and_checksum():
+    stage = stages(DOCKERFILE)["crs"]
+    version = re.search(r"^ARG CRS_VERSION=(\S+)$", stage, re.M).group(1)
+    sha = re.search(r"^ARG CRS_SHA256=(\S*)$", stage, re.M).group(1)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    assert re.fullmatch(r"[0-9a-f]{64}", sha)
+    assert '--sha256 "${CRS_SHA256}"' in stage and '--version "${CRS_VERSION}"' in stage
+
+
+# ----------------------------------------------------------- fetch_crs.py --
+
+def crs_tree(root: pathlib.Path, version: str, rule_files: int = fetch_crs.MIN_RULE_FILES) -> pathlib.Path:
+    top = root / f"coreruleset-{version}"
+    (top / "rules").mkdir(parents=True)
+    (top / "crs-setup.conf.example").write_text("# setup\n")
+    for i in range(rule_files - 2):
+        (top / "rules" / f"REQUEST-{930 + i}-X.conf").write_text("")
+    (top / "rules" / "REQUEST-901-INITIALIZATION.conf").write_text(f"SecAction \"id:901001,ver:'OWASP_CRS/{version}'\"\n")
+    (top / "rules" / "REQUEST-949-BLOCKING-EVALUATION.conf").write_text("")
+    return top
+
+
+def tarball(source: pathlib.Path, archive: pathlib.Path) -> str:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=source.name)
+    return hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_fetch_crs_verifies_unpacks_and_checks_the_layout(tmp_path):
+    archive = tmp_path / "crs.tar.gz"
+    sha = tarball(crs_tree(tmp_path / "src", "4.28.0"), archive)
+    dest = tmp_path / "opt-crs"
+    count = fetch_crs.fetch("4.28.0", sha, dest, url=archive.as_uri())
+    assert count == fetch_crs.MIN_RULE_FILES
+    assert (dest / "crs-setup.conf.example").is_file()
+
+
+@pytest.mark.parametrize("sha", ["", "abc", "x" * 64])
+def test_fetch_crs_refuses_to_run_without_a_pin(tmp_path, sha):
+    # The URL is never opened: a missing pin fails before any download.
+    with pytest.raises(fetch_crs.FetchError, match="CRS_SHA256 must be"):
+        fetch_crs.fetch("4.28.0", sha, tmp_path / "dest", url=(tmp_path / "absent").as_uri())
+
+
+def test_fetch_crs_rejects_a_tarball_with_another_checksum(tmp_path):
+    archive = tmp_path / "crs.tar.gz"
+    tarball(crs_tree(tmp_path / "src", "4.28.0"), archive)
+    with pytest.raises(fetch_crs.FetchError, match="checksum mismatch"):
+        fetch_crs.fetch("4.28.0", "0" * 64, tmp_path / "dest", url=archive.as_uri())
+    assert not (tmp_path / "dest").exists()
+
+
+def test_fetch_crs_rejects_another_version_and_a_bare_tree(tmp_path):
+    archive = tmp_path / "crs.tar.gz"
+    sha = tarball(crs_tree(tmp_path / "src", "4.27.0"), archive)
+    with pytest.raises(fetch_crs.FetchError, match="does not carry CRS 4.28.0"):
+        fetch_crs.fetch("4.28.0", sha, tmp_path / "a", url=archive.as_uri())
+    bare = tmp_path / "bare" / "coreruleset-4.28.0"
+    bare.mkdir(parents=True)
+    sha = tarball(bare, archive)
+    with pytest.raises(fetch_crs.FetchError, match="missing crs-setup.conf.example"):
+        fetch_crs.fetch("4.28.0", sha, tmp_path / "b", url=archive.as_uri())
+
+
+def test_fetch_crs_never_writes_outside_its_destination(tmp_path):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        payload = b"owned\n"
+        member = tarfile.TarInfo("coreruleset-4.28.0/../../escaped")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    with pytest.raises(tarfile.TarError):
+        fetch_crs.fetch("4.28.0", sha, tmp_path / "dest" / "crs", url=archive.as_uri())
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def real_crs_dir(version: str) -> pathlib.Path | None:
+    """The CRS release the project measures with (../shared beside the
+    checkout in CI; two levels up from a worktree)."""
+    for base in (ROOT.parent, ROOT.parent.parent):
+        candidate = base / "shared" / "crs" / f"v{version}"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def test_the_pinned_crs_release_has_the_layout_the_build_checks():
+    version = re.search(r"^ARG CRS_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M).group(1)
+    crs = real_crs_dir(version)
+    if crs is None:
+        pytest.skip(f"no copy of CRS v{version} beside the checkout (../shared/crs)")
+    assert fetch_crs.check_layout(crs, version) >= fetch_crs.MIN_RULE_FILES
+
+
+# ------------------------------------------------------------- healthcheck --
+
+@pytest.mark.parametrize("listen,target", [
+    ("0.0.0.0:50051", "127.0.0.1:50051"),
+    (":50051", "127.0.0.1:50051"),
+    ("[::]:50051", "[::1]:50051"),
+    ("10.1.2.3:7000", "10.1.2.3:7000"),
+])
+def test_healthcheck_dials_the_listen_address_through_loopback(listen, target):
+    assert healthcheck.target_for(listen) == target
+
+
+def test_healthcheck_asks_for_the_waf_service_by_default():
+    assert healthcheck.SERVICE == WAF_SERVICE
+
+
+def test_healthcheck_rejects_a_bad_listen_address(monkeypatch, capsys):
+    monkeypatch.setenv("WAF_LISTEN", "nowhere")
+    assert healthcheck.main([]) == 2
+    assert "WAF_LISTEN" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------- Kubernetes --
+
+@pytest.fixture(scope="module")
+def kustomization() -> dict:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def objects(kustomization) -> dict[tuple[str, str], dict]:
+    out = {}
+    for resource in kustomization["resources"]:
+        for doc in load_all(DEPLOY / resource):
+            out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+def of_kind(objects, kind: str) -> dict[str, dict]:
+    return {name: doc for (k, name), doc in objects.items() if k == kind}
+
+
+def pod_containers(deployment: dict) -> list[dict]:
+    spec = deployment["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def container(deployment: dict, name: str) -> dict:
+    return next(c for c in pod_containers(deployment) if c["name"] == name)
+
+
+def env(c: dict) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in c.get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_kustomization_sources_exist_and_haproxy_config_is_the_shared_one(kustomization):
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / resource).is_file()
+    generated = {gen["name"]: [DEPLOY / f for f in gen["files"]] for gen in kustomization["configMapGenerator"]}
+    assert generated["haproxy-config"] == [stack_default("haproxy_cfg"), stack_default("spoe_conf")]
+    assert all(path.is_file() for paths in generated.values() for path in paths)
+
+
+def test_selectors_match_their_pods(objects):
+    deployments = of_kind(objects, "Deployment")
+    for name, deployment in deployments.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"]["matchLabels"], labels), name
+    for kind in ("Service", "PodDisruptionBudget"):
+        for name, doc in of_kind(objects, kind).items():
+            selector = doc["spec"]["selector"]
+            selector = selector.get("matchLabels", selector)
+            matched = [d for d in deployments.values() if selects(selector, d["spec"]["template"]["metadata"]["labels"])]
+            assert len(matched) == 1, f"{kind} {name} selects {len(matched)} Deployments"
+
+
+def test_service_ports_target_named_container_ports(objects):
+    deployments = of_kind(objects, "Deployment")
+    for name, service in of_kind(objects, "Service").items():
+        deployment = next(d for d in deployments.values()
+                          if selects(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"]))
+        ports = {p["name"]: p["containerPort"] for c in pod_containers(deployment) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"Service {name}: no container port named {port['targetPort']}"
+
+
+def test_hpa_scales_wafsvc_on_cpu_it_requests(objects):
+    hpa = of_kind(objects, "HorizontalPodAutoscaler")["wafsvc"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "wafsvc") and ("Deployment", "wafsvc") in objects
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
+    assert wafsvc["resources"]["requests"]["cpu"]
+    assert hpa["spec"]["minReplicas"] >= 2, "a PDB of maxUnavailable 1 needs two replicas to allow any eviction"
+
+
+def test_wafsvc_is_headless_and_probed_over_grpc(objects):
+    service = objects[("Service", "wafsvc")]
+    assert service["spec"]["clusterIP"] == "None"
+    wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
+    grpc_port = next(p["containerPort"] for p in wafsvc["ports"] if p["name"] == "grpc")
+    assert port_of(env(wafsvc)["WAF_LISTEN"]) == grpc_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert wafsvc[probe]["grpc"]["port"] == grpc_port, probe
+    assert wafsvc["readinessProbe"]["grpc"]["service"] == WAF_SERVICE
+    service_port = next(p["port"] for p in service["spec"]["ports"] if p["targetPort"] == "grpc")
+    gateway = container(objects[("Deployment", "haproxy")], "gateway")
+    assert env(gateway)["GATEWAY_WAFSVC"] == f"dns:///wafsvc:{service_port}"
+
+
+def test_wafsvc_workers_match_its_cpu_limit(objects):
+    """Inside a container "one worker per CPU" would count the node's CPUs."""
+    wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
+    assert int(env(wafsvc)["WAF_WORKERS"]) == int(wafsvc["resources"]["limits"]["cpu"])
+
+
+def test_wafsvc_rules_come_from_the_configmap(objects, kustomization):
+    deployment = objects[("Deployment", "wafsvc")]
+    wafsvc = container(deployment, "wafsvc")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in wafsvc["volumeMounts"] if volumes[m["name"]].get("configMap"))
+    config_map = volumes[mount["name"]]["configMap"]["name"]
+    files = next(g["files"] for g in kustomization["configMapGenerator"] if g["name"] == config_map)
+    assert env(wafsvc)["RULES"] in {f"{mount['mountPath']}/{pathlib.Path(f).name}" for f in files}
+
+
+def test_haproxy_pod_reaches_its_gateway_sidecar_on_loopback(objects):
+    deployment = objects[("Deployment", "haproxy")]
+    gateway, haproxy = container(deployment, "gateway"), container(deployment, "haproxy")
+    # A native sidecar: started before HAProxy, stopped after it.
+    assert gateway in deployment["spec"]["template"]["spec"]["initContainers"]
+    assert gateway["restartPolicy"] == "Always"
+    assert env(gateway)["GATEWAY_LISTEN"] == "127.0.0.1:12345"
+    assert env(haproxy)["GATEWAY_ADDR"] == env(gateway)["GATEWAY_LISTEN"]
+    backend_host, backend_port = env(haproxy)["BACKEND_ADDR"].split(":")
+    assert any(p["port"] == int(backend_port) for p in objects[("Service", backend_host)]["spec"]["ports"])
+    assert {p["containerPort"] for p in haproxy["ports"]} == {
+        port_of(env(haproxy)["FRONTEND_ADDR"]), port_of(env(haproxy)["FRONTEND_ALT_ADDR"])}
+    assert port_of(env(gateway)["GATEWAY_METRICS"]) == 9101
+    assert port_of(env(container(objects[("Deployment", "wafsvc")], "wafsvc"))["WAF_METRICS"]) == 9102
+
+
+def test_haproxy_reads_the_generated_config_where_the_image_expects_it(objects):
+    deployment = objects[("Deployment", "haproxy")]
+    haproxy = container(deployment, "haproxy")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = haproxy["volumeMounts"][0]
+    assert volumes[mount["name"]]["configMap"]["name"] == "haproxy-config"
+    assert mount["mountPath"] == IMAGE_HAPROXY_DIR
+    assert env(haproxy)["SPOE_CONF"] == f"{IMAGE_HAPROXY_DIR}/{stack_default('spoe_conf').name}"
+
+
+def test_kubernetes_env_names_exist_in_the_option_tables_and_haproxy_cfg(objects):
+    known = {"wafsvc": wafsvc_envs(), "gateway": gateway_envs(), "haproxy": haproxy_envs(), "backend": set()}
+    for deployment in of_kind(objects, "Deployment").values():
+        for c in pod_containers(deployment):
+            unknown = set(env(c)) - known[c["name"]]
+            assert not unknown, f"container {c['name']} sets variables nothing reads: {unknown}"
+    assert stack_haproxy_env_names() <= set(env(container(objects[("Deployment", "haproxy")], "haproxy")))
+
+
+def prestop_seconds(c: dict) -> int:
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    return int(command[1])
+
+
+def haproxy_timeout_s(name: str) -> int:
+    match = re.search(rf"^\s*timeout {name}\s+(\d+)s$", HAPROXY_CFG.read_text(), re.M)
+    return int(match.group(1))
+
+
+def test_grace_periods_cover_prestop_and_drain(objects):
+    wafsvc_pod = objects[("Deployment", "wafsvc")]["spec"]["template"]["spec"]
+    wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
+    assert wafsvc_pod["terminationGracePeriodSeconds"] > prestop_seconds(wafsvc) + DRAIN_GRACE_S
+    haproxy_pod = objects[("Deployment", "haproxy")]["spec"]["template"]["spec"]
+    haproxy = container(objects[("Deployment", "haproxy")], "haproxy")
+    # HAProxy's soft stop waits for requests in flight, bounded by its timeouts.
+    drain = max(haproxy_timeout_s("client"), haproxy_timeout_s("server"))
+    assert haproxy_pod["terminationGracePeriodSeconds"] > prestop_seconds(haproxy) + drain
+
+
+def test_every_container_runs_as_non_root_without_privileges(objects):
+    for deployment in of_kind(objects, "Deployment").values():
+        pod_security = deployment["spec"]["template"]["spec"].get("securityContext", {})
+        for c in pod_containers(deployment):
+            security = {**pod_security, **c.get("securityContext", {})}
+            assert security.get("runAsNonRoot") is True and isinstance(security.get("runAsUser"), int), c["name"]
+            assert security.get("allowPrivilegeEscalation") is False, c["name"]
+
+
+def test_kustomize_builds_the_manifests():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (not in Debian 12; any kubectl with kustomize will do)")
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    config_maps = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "ConfigMap"}
+    haproxy_map = next(doc for name, doc in config_maps.items() if name.startswith("haproxy-config-"))
+    assert haproxy_map["data"]["haproxy.cfg"] == HAPROXY_CFG.read_text()
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "haproxy")
+    mounted = {v["configMap"]["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert mounted <= set(config_maps), "volumes must reference the generated (hashed) ConfigMaps"
+
+
+# ------------------------------------------------------------ shared rules --
+
+def test_site_rules_load_in_the_real_engine_and_deny_the_smoke_test():
+    from wafsvc.engine import Engine
+    from wafsvc.rules import RuleSetSpec
+
+    base_conf = next(opt.default for opt in WAFSVC_OPTIONS if opt.env == "WAF_BASE_CONF")
+    engine = Engine({"": RuleSetSpec(base_conf=base_conf, rules_file=str(DEPLOY / "rules" / "site.conf"))})
+    request = waf_pb2.EvaluateRequest(client_ip="10.0.0.1", client_port=40000, server_ip="10.0.0.2",
+                                      server_port=8080, method="GET", uri=b"/", http_version="1.1",
+                                      content_length=-1)
+    request.headers.add(name=b"host", value=b"example.com")
+    assert not engine.evaluate(request).intervention
+    request.headers.add(name=b"x-waf-smoke-test", value=b"deny")
+    verdict = engine.evaluate(request)
+    assert (verdict.intervention, verdict.status) == (True, 403)
+    assert [m.id for m in verdict.matches] == [1001]
+
