@@ -90,7 +90,7 @@ def env_of(service: dict) -> dict[str, str]:
 
 
 def test_compose_runs_the_whole_topology(compose):
-    assert set(compose["services"]) == {"haproxy", "gateway", "wafsvc", "backend"}
+    assert set(compose["services"]) == {"haproxy", "gateway", "wafsvc", "backend", "prometheus", "grafana"}
 
 
 def test_wafsvc_can_scale(compose):
@@ -157,6 +157,19 @@ def test_compose_waits_only_on_services_that_have_a_healthcheck(compose):
             if depends_on[dependency]["condition"] == "service_healthy":
                 assert "healthcheck" in services[dependency], f"{name} waits on {dependency}'s health"
 
+
+def test_prometheus_scrapes_every_metrics_port_compose_opens(compose):
+    """deploy/prometheus (the observability configs) names Compose services."""
+    services = compose["services"]
+    metrics = {"gateway": port_of(env_of(services["gateway"])["GATEWAY_METRICS"]),
+               "wafsvc": port_of(env_of(services["wafsvc"])["WAF_METRICS"])}
+    scraped = {}
+    for job in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            scraped.update({name: sd["port"] for name in sd["names"]})
+    assert scraped == metrics
+    for name, port in metrics.items():
+        assert str(port) in services[name]["expose"]
 
 def test_compose_file_passes_docker_compose_config():
     binary = shutil.which("docker-compose")
