@@ -7,14 +7,21 @@ memory and a bad rule file fails at start. gRPC is created only inside the
 workers, after fork (gRPC must not be initialised before fork()).
 
 Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads rules everywhere.
+
+Drain: health turns NOT_SERVING, the server refuses new calls (GOAWAY), every
+stream ends as soon as it has answered what it read (idle ones at once; the
+gateway re-sends anything unanswered elsewhere), and the worker exits. Calls
+still running after WAF_DRAIN_GRACE_MS are cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -26,8 +33,8 @@ from wafsvc.rules import RuleSetSpec, RulesError
 
 log = logging.getLogger("wafsvc")
 
-DRAIN_GRACE_S = 5.0
 RESTART_BACKOFF_S = 0.5
+PR_SET_PDEATHSIG = 1
 
 
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
@@ -43,12 +50,16 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
     return specs
 
 
-async def serve(config: WafConfig, engine: Engine) -> None:
+async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     from wafsvc.metrics import observe
     from wafsvc.service import build_server, set_serving
 
     observed = observe(engine)  # metrics (WAF_METRICS) and per-request logs
-    server, servicer, health = build_server(observed, config.listen, config.max_request_bytes)
+    server, servicer, health = build_server(observed, config.listen, config.max_request_bytes,
+                                            replica_id, config.workers)
+    # NOT_SERVING until this worker can answer: a health check never sees the
+    # replica ready before its rules are in place.
+    await set_serving(health, False)
     await server.start()
     await set_serving(health, True)
     log.info("worker serving", extra={"listen": config.listen, "worker": servicer.worker_id})
@@ -58,31 +69,52 @@ async def serve(config: WafConfig, engine: Engine) -> None:
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config) and observed.sync_rules())
     await stopping.wait()
-    # NOT_SERVING first, so health-checking balancers stop sending, then
-    # finish what is in flight.
+    started = time.monotonic()
+    # NOT_SERVING first, so health-checking balancers stop sending; then
+    # refuse new calls and end each stream once it has answered what it read.
     servicer.draining = True
     await set_serving(health, False)
-    await server.stop(DRAIN_GRACE_S)
-    log.info("worker stopped", extra={"worker": servicer.worker_id})
+    stop = asyncio.ensure_future(server.stop(config.drain_grace_ms / 1000))
+    await asyncio.sleep(0)  # let stop() send GOAWAY before the streams end
+    servicer.drain()
+    await stop
+    log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
+                                      "evaluations": servicer.evaluations,
+                                      "drain_seconds": round(time.monotonic() - started, 3)})
 
 
 def reload(engine: Engine, config: WafConfig) -> bool:
+    """Parses the rules again; on any error the rules in service stay."""
     started = time.perf_counter()
     try:
-        loaded = engine.load(rule_specs(config))
+        loaded = engine.reload(rule_specs(config))
     except RulesError as exc:
-        log.error("rule reload failed; the previous rules stay in service", extra={"error": str(exc)})
+        log.error("rule reload failed; the previous rules stay in service", extra={
+            "error": str(exc), "reload_failures": engine.reload_failures})
         return False
     log.info("rules reloaded", extra={"rules": dict(loaded.rule_counts),
+                                      "reload_successes": engine.reload_successes,
                                       "seconds": round(time.perf_counter() - started, 3)})
     return True
 
 
-def run_worker(config: WafConfig, engine: Engine) -> int:
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor was killed drains and exits instead of
+    serving on, unsupervised, beside the replica that replaces it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's own SIGTERM still reaches us
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int) -> int:
+    _die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         import uvloop
-        uvloop.run(serve(config, engine))
+        uvloop.run(serve(config, engine, replica_id))
     except Exception:
         log.exception("worker failed")
         return 1
@@ -97,11 +129,14 @@ class Supervisor:
         self.engine = engine
         self.children: dict[int, int] = {}  # pid -> worker index
         self.exporter = None  # wafsvc.metrics.Exporter when WAF_METRICS is set
+        # Names this replica in stream metadata; a restarted replica is a new one.
+        self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
 
     def spawn(self, index: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os._exit(run_worker(self.config, self.engine))
+            os._exit(run_worker(self.config, self.engine, self.replica_id, parent))
         self.children[pid] = index
         if self.exporter is not None:
             self.exporter.worker_started()

@@ -62,6 +62,8 @@ OPTIONS = (
     Option("audit_log_parts", "WAF_AUDIT_LOG_PARTS", "ABHZ",
            "SecAuditLogParts: A B (request headers) H (matches) Z by default; add C to log request "
            "bodies", _audit_parts),
+    Option("drain_grace_ms", "WAF_DRAIN_GRACE_MS", 10000,
+           "on SIGTERM, longest wait for evaluations in flight; idle streams end at once", int),
     Option("metrics", "WAF_METRICS", "",
            "Prometheus listen address, e.g. 127.0.0.1:9102; empty = off"),
     Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
@@ -85,6 +87,7 @@ class WafConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
+    drain_grace_ms: int = 10000
     metrics: str = ""
     log_level: str = "info"
 
@@ -100,6 +103,8 @@ class WafConfig:
             raise ConfigError(f"PARANOIA must be 1 to 4, got {self.paranoia}")
         if self.workers < 1:
             raise ConfigError(f"WAF_WORKERS must be at least 1, got {self.workers}")
+        if self.drain_grace_ms < 0:
+            raise ConfigError(f"WAF_DRAIN_GRACE_MS must be 0 or more, got {self.drain_grace_ms}")
         if self.ignore_profiles < 1:
             raise ConfigError("WAF_IGNORE_PROFILES must be at least 1")
         for label, address in (("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)):

@@ -59,6 +59,10 @@ class Engine:
         self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
         self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
         self._max_profiles = ignore_profiles
+        # Reload outcomes (SIGHUP), read by logs and metrics.
+        self.reload_successes = 0
+        self.reload_failures = 0
+        self.last_reload_error = ""
         self.loaded = self.load(specs)
 
     def load(self, specs: Mapping[str, RuleSetSpec]) -> LoadedRules:
@@ -74,6 +78,22 @@ class Engine:
         self._profiles.clear()
         self.loaded = LoadedRules(counts, time.time())
         return self.loaded
+
+    @property
+    def loaded_at(self) -> float:
+        return self.loaded.loaded_at
+
+    def reload(self, specs: Mapping[str, RuleSetSpec]) -> LoadedRules:
+        """load(), counted: a failure keeps the old rules and is remembered."""
+        try:
+            loaded = self.load(specs)
+        except RulesError as exc:
+            self.reload_failures += 1
+            self.last_reload_error = str(exc)
+            raise
+        self.reload_successes += 1
+        self.last_reload_error = ""
+        return loaded
 
     def _rules_for(self, app: str, ignore_ids: Iterable[int]) -> libmodsecurity.RulesSet:
         try:

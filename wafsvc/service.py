@@ -2,10 +2,16 @@
 
 Evaluation runs inline on the event loop. The engine holds the GIL for the
 whole call, so a thread pool would add switching cost and no parallelism.
+
+Every stream starts with initial metadata naming this worker, its replica and
+how many workers the replica has: the gateway balances per worker and opens
+more connections until it has reached every worker (SO_REUSEPORT hashes each
+connection to one worker, so coverage is luck unless someone checks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,41 +27,80 @@ log = logging.getLogger("wafsvc.service")
 
 SERVICE_NAME = waf_pb2.DESCRIPTOR.services_by_name["Waf"].full_name
 
+# Stream metadata: the contract with gateway/pool.py.
+WORKER_METADATA = "x-waf-worker"      # unique per worker process
+REPLICA_METADATA = "x-waf-replica"    # unique per replica (supervisor)
+WORKERS_METADATA = "x-waf-workers"    # worker processes in that replica
+
 
 class WafServicer(waf_pb2_grpc.WafServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, replica_id: str = "", workers: int = 1) -> None:
         self.engine = engine
         self.draining = False
-        self.worker_id = f"{socket.gethostname()}/{os.getpid()}"
+        self.replica_id = replica_id or f"{socket.gethostname()}/{os.getppid()}"
+        self.worker_id = f"{self.replica_id}/{os.getpid()}"
+        self.workers = workers
+        self.evaluations = 0   # requests evaluated by this worker (tests, metrics)
+        self.streams = 0       # EvaluateStream calls open now
+        self._metadata = ((WORKER_METADATA, self.worker_id), (REPLICA_METADATA, self.replica_id),
+                          (WORKERS_METADATA, str(workers)))
+        self._drain = asyncio.Event()
 
     async def Evaluate(self, request: waf_pb2.EvaluateRequest, context: grpc.aio.ServicerContext) -> waf_pb2.Verdict:
         try:
-            return self.engine.evaluate(request)
+            verdict = self.engine.evaluate(request)
         except EvaluationFailed as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        self.evaluations += 1
+        return verdict
 
     async def EvaluateStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        # Tells the gateway which worker process serves this stream, so that it
-        # balances load per worker rather than per stream.
-        await context.send_initial_metadata((("x-waf-worker", self.worker_id),))
+        await context.send_initial_metadata(self._metadata)
+        if self.draining:
+            return
         evaluate = self.engine.evaluate
-        async for batch in request_iterator:
-            out = waf_pb2.VerdictBatch()
-            for item in batch.requests:
-                result = out.verdicts.add(ref=item.ref)
+        requests = request_iterator.__aiter__()
+        drained = asyncio.ensure_future(self._drain.wait())
+        self.streams += 1
+        try:
+            while True:
+                # Wait for the next batch or for drain, whichever comes first:
+                # an idle stream must not hold shutdown for the grace period.
+                # Ending the stream is lossless: the gateway re-sends anything
+                # it had sent and not yet got an answer for to another worker.
+                read = asyncio.ensure_future(requests.__anext__())
+                await asyncio.wait((read, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    return
                 try:
-                    evaluate(item.request, result.verdict)
-                except EvaluationFailed as exc:
-                    result.error.code = exc.code
-                    result.error.message = exc.message
-            yield out
-            if self.draining:
-                # Finish what was sent, then end the stream: the gateway
-                # reopens it on another worker.
-                return
+                    batch = read.result()
+                except StopAsyncIteration:
+                    return
+                out = waf_pb2.VerdictBatch()
+                for item in batch.requests:
+                    result = out.verdicts.add(ref=item.ref)
+                    try:
+                        evaluate(item.request, result.verdict)
+                        self.evaluations += 1
+                    except EvaluationFailed as exc:
+                        result.error.code = exc.code
+                        result.error.message = exc.message
+                yield out
+                if self.draining:
+                    return  # what was read is answered; the gateway reopens elsewhere
+        finally:
+            self.streams -= 1
+            drained.cancel()
+
+    def drain(self) -> None:
+        """Ends every stream as soon as it has answered what it read."""
+        self.draining = True
+        self._drain.set()
 
 
-def build_server(engine: Engine, listen: str, max_message_bytes: int) -> tuple[grpc.aio.Server, WafServicer, health.aio.HealthServicer]:
+def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id: str = "",
+                 workers: int = 1) -> tuple[grpc.aio.Server, WafServicer, health.aio.HealthServicer]:
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -69,7 +114,7 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int) -> tuple[g
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = grpc.aio.server(options=options)
-    servicer = WafServicer(engine)
+    servicer = WafServicer(engine, replica_id, workers)
     waf_pb2_grpc.add_WafServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
