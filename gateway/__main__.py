@@ -38,7 +38,8 @@ def hooks(config: GatewayConfig, pool: WafPool):
 
 async def serve(config: GatewayConfig) -> None:
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
-                   max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000)
+                   max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000,
+                   hedge_s=config.hedge_ms / 1000, recycle_s=config.recycle_ms / 1000)
     await pool.start()
     gateway = Gateway(config, pool, hooks(config, pool))
     host, port = host_port(config.listen)

@@ -18,6 +18,13 @@ OPTIONS = (
     Option("failure_policy", "GATEWAY_FAILURE_POLICY", "closed",
            "no verdict in time: closed = intervention (deny), open = pass; both set txn.modsec.failed",
            choices=("closed", "open")),
+    Option("hedge_ms", "GATEWAY_HEDGE_MS", 150,
+           "re-send an evaluation a worker has not answered within this time to another "
+           "worker (a hung replica), and give that worker no new work until it answers; "
+           "0 (or not below the deadline) = off", int),
+    Option("recycle_ms", "GATEWAY_RECYCLE_MS", 15000,
+           "replace one gRPC channel this often, in turn, so that replicas that joined or "
+           "came back get streams (and DNS is resolved again); 0 = never", int),
     Option("channels", "GATEWAY_CHANNELS", 4,
            "separate gRPC connections per wafsvc replica; several are needed because one "
            "HTTP/2 connection pins to one SO_REUSEPORT worker", int),
@@ -48,6 +55,8 @@ class GatewayConfig:
     wafsvc: str = "ipv4:127.0.0.1:50051"
     deadline_ms: int = 400
     failure_policy: str = "closed"
+    hedge_ms: int = 150
+    recycle_ms: int = 15000
     channels: int = 4
     streams: int = 4
     max_batch: int = 16
@@ -74,6 +83,9 @@ class GatewayConfig:
                                   ("GATEWAY_MAX_FRAME_SIZE", self.max_frame_size, 256)):
             if value < low:
                 raise ConfigError(f"{label} must be at least {low}, got {value}")
+        for label, value in (("GATEWAY_HEDGE_MS", self.hedge_ms), ("GATEWAY_RECYCLE_MS", self.recycle_ms)):
+            if value < 0:
+                raise ConfigError(f"{label} must be 0 or more, got {value}")
         if self.failure_policy not in ("closed", "open"):
             raise ConfigError(f"GATEWAY_FAILURE_POLICY: {self.failure_policy!r} is not closed or open")
 

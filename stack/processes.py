@@ -170,6 +170,27 @@ class Stack:
     def proc(self, name: str) -> subprocess.Popen:
         return next(p for n, p in reversed(self.procs) if n == name)
 
+    # -- faults, for the pool tests and the failover measurement ----------
+    def kill_wafsvc(self, index: int, signo: int = signal.SIGKILL) -> int:
+        """Signals a whole replica (supervisor and workers: its own process
+        group), as a container runtime would; returns its exit status."""
+        proc = self.proc(f"wafsvc{index + 1}")
+        try:
+            os.killpg(proc.pid, signo)
+        except ProcessLookupError:
+            pass
+        return proc.wait(30)
+
+    def restart_wafsvc(self, index: int) -> subprocess.Popen:
+        """Starts replica `index` again on its port and waits until SERVING."""
+        old = self.proc(f"wafsvc{index + 1}")
+        if old.poll() is None:
+            raise RuntimeError(f"wafsvc{index + 1} is still running")
+        self.procs = [(n, p) for n, p in self.procs if p is not old]
+        proc = self.start_wafsvc(index)
+        wait_for_health(self.spec.wafsvc_ports[index], proc, f"wafsvc{index + 1}")
+        return proc
+
     def stop(self, timeout: float = 15.0) -> dict[str, int]:
         """SIGTERM in reverse start order (HAProxy first), then wait."""
         codes = {}
