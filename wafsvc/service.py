@@ -61,6 +61,7 @@ class WafServicer(waf_pb2_grpc.WafServicer):
         evaluate = self.engine.evaluate
         requests = request_iterator.__aiter__()
         drained = asyncio.ensure_future(self._drain.wait())
+        read = None
         self.streams += 1
         try:
             while True:
@@ -69,6 +70,7 @@ class WafServicer(waf_pb2_grpc.WafServicer):
                 # Ending the stream is lossless: the gateway re-sends anything
                 # it had sent and not yet got an answer for to another worker.
                 read = asyncio.ensure_future(requests.__anext__())
+                read.add_done_callback(_consume)  # also when the call dies mid-read
                 await asyncio.wait((read, drained), return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     read.cancel()
@@ -92,11 +94,18 @@ class WafServicer(waf_pb2_grpc.WafServicer):
         finally:
             self.streams -= 1
             drained.cancel()
+            if read is not None and not read.done():
+                read.cancel()
 
     def drain(self) -> None:
         """Ends every stream as soon as it has answered what it read."""
         self.draining = True
         self._drain.set()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id: str = "",

@@ -1,0 +1,263 @@
+"""The wafsvc pool under faults: balance, replica death and return, failure
+policy, reload and drain. Real processes, real HAProxy, real signals.
+
+Light rules (no CRS) keep the engine cheap, so what is measured is the pool.
+Evaluations are counted by wafsvc itself: each worker logs how many it
+evaluated when it stops.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import pathlib
+import signal
+import threading
+import time
+
+import pytest
+
+from stack import free_port
+from tests.e2e.conftest import http_request, start_stack
+
+RULES = ('SecRule REQUEST_HEADERS:x-attack "@streq 1" "id:1001,phase:1,deny,status:403,log,msg:\'attack\'"\n')
+RULES_V2 = RULES + 'SecRule REQUEST_HEADERS:x-attack-2 "@streq 1" "id:1002,phase:1,deny,status:403,log"\n'
+# libmodsecurity accepts unknown operators; an unknown directive it refuses.
+BROKEN = RULES_V2 + "SecNoSuchDirective On\n"
+
+
+def _stack(tmp_path: pathlib.Path, haproxy_bin: str, replicas: int, workers: int = 1,
+           gateway_env=None, wafsvc_env=None, haproxy_env=None, rules: str = RULES):
+    rules_file = tmp_path / "rules.conf"
+    rules_file.write_text(rules)
+    stack = start_stack(tmp_path / "logs", haproxy_bin,
+                        wafsvc_ports=[free_port() for _ in range(replicas)], wafsvc_workers=workers,
+                        wafsvc_env={"RULES": str(rules_file), **(wafsvc_env or {})},
+                        gateway_env=gateway_env or {}, haproxy_env=haproxy_env or {})
+    stack.rules_file = rules_file
+    return stack
+
+
+@pytest.fixture
+def stacks():
+    started = []
+    yield started
+    for stack in started:
+        stack.stop()
+
+
+def _log_events(stack, name: str) -> list[dict]:
+    events = []
+    for line in (stack.spec.log_dir / f"{name}.log").read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events
+
+
+def _served(stack, index: int) -> dict[str, int]:
+    """Evaluations per worker of a replica that has stopped (its own count)."""
+    return {e["worker"]: e["evaluations"] for e in _log_events(stack, f"wafsvc{index + 1}")
+            if e.get("msg") == "worker stopped"}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Load:
+    """Clients sending benign GETs through HAProxy on keep-alive
+    connections, each recording every reply: status, WAF action and flag."""
+
+    def __init__(self, port: int, clients: int = 6, total: int | None = None) -> None:
+        self.port = port
+        self.total = total
+        self.results: list[tuple[int, str, str, str, float]] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sent = 0
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def wait(self, timeout: float = 120) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._stop.is_set() or (self.total is not None and self._sent >= self.total):
+                return False
+            self._sent += 1
+            return True
+
+    def _client(self) -> None:
+        conn = None
+        while self._take():
+            started = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/load", headers={"User-Agent": "pool-test"})
+                resp = conn.getresponse()
+                resp.read()
+                row = (resp.status, resp.headers.get("X-Waf-Action", ""), resp.headers.get("X-Waf-Failed", ""),
+                       resp.headers.get("X-Waf-Error", ""), time.perf_counter() - started)
+                with self._lock:
+                    self.results.append(row)
+                if resp.headers.get("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.errors.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+
+    def bad(self) -> list:
+        """Replies without a real verdict: failed, flagged, or not a pass."""
+        return [r for r in self.results if r[0] != 200 or r[1] != "pass" or r[2] == "1"]
+
+
+def _assert_all_verdicts(load: Load) -> None:
+    bad = load.bad()
+    assert not load.errors, load.errors[:5]
+    assert not bad, f"{len(bad)} of {len(load.results)} without a verdict, e.g. {bad[:5]}"
+    assert len(load.results) > 100
+
+
+def test_three_replicas_share_the_load_and_every_worker_is_reached(stacks, tmp_path, haproxy_bin):
+    # Two channels for two workers per replica: by hash luck a replica often
+    # gets both connections on one worker, so coverage repair must work.
+    stack = _stack(tmp_path, haproxy_bin, replicas=3, workers=2, gateway_env={"GATEWAY_CHANNELS": "2"})
+    stacks.append(stack)
+    _wait_for(lambda: len({e["worker"] for e in _log_events(stack, "gateway")
+                           if e.get("msg") == "wafsvc worker available"}) >= 6,
+              30, "the gateway to reach all 6 workers")
+    with Load(stack.spec.frontend_port, clients=8, total=3000) as load:
+        load.wait()
+    _assert_all_verdicts(load)
+    assert len(load.results) == 3000
+    for index in range(3):
+        stack.kill_wafsvc(index, signal.SIGTERM)
+    served = [_served(stack, index) for index in range(3)]
+    total = sum(sum(workers.values()) for workers in served)
+    assert 3000 <= total < 3300  # the load, readiness probes, any re-sent ones
+    shares = [sum(workers.values()) / total for workers in served]
+    print("replica shares:", [round(s, 3) for s in shares], "per worker:", served)
+    assert all(0.25 <= share <= 0.42 for share in shares), shares
+    for workers in served:
+        assert len(workers) == 2 and all(count > 0 for count in workers.values()), served
+
+
+def test_sigkill_of_a_replica_under_load_loses_nothing_and_it_comes_back(stacks, tmp_path, haproxy_bin):
+    stack = _stack(tmp_path, haproxy_bin, replicas=2, gateway_env={"GATEWAY_RECYCLE_MS": "300"})
+    stacks.append(stack)
+    with Load(stack.spec.frontend_port, clients=6) as load:
+        time.sleep(1.5)
+        stack.kill_wafsvc(0, signal.SIGKILL)
+        time.sleep(1.5)
+        stack.restart_wafsvc(0)
+        time.sleep(3)
+    _assert_all_verdicts(load)
+    print(f"{len(load.results)} requests, slowest {max(r[4] for r in load.results) * 1000:.0f} ms")
+    stack.kill_wafsvc(0, signal.SIGTERM)
+    # The restarted replica logs only its own count: it got traffic again.
+    assert sum(_served(stack, 0).values()) > 50, _served(stack, 0)
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+def test_all_replicas_down_applies_the_failure_policy(stacks, tmp_path, haproxy_bin, policy):
+    stack = _stack(tmp_path, haproxy_bin, replicas=1, gateway_env={"GATEWAY_FAILURE_POLICY": policy},
+                   haproxy_env={"WAF_FAILURE_POLICY": policy})
+    stacks.append(stack)
+    assert http_request(stack.spec.frontend_port, headers=[("X-Attack", "1")]).status == 403
+    stack.kill_wafsvc(0, signal.SIGKILL)
+    for headers in ([], [("X-Attack", "1")]):
+        started = time.perf_counter()
+        reply = http_request(stack.spec.frontend_port, headers=headers)
+        elapsed = time.perf_counter() - started
+        assert reply.failed, reply.headers
+        # The gateway answered (its reason, not HAProxy's), so within its deadline.
+        assert reply.headers["X-Waf-Error"] in ("no verdict within the deadline",
+                                                "wafsvc stream failed and no retry was possible")
+        assert reply.status == (503 if policy == "closed" else 200)
+        print(f"{policy}, wafsvc down: {reply.status} in {elapsed * 1000:.0f} ms")
+    # Gateway gone as well: HAProxy applies the same policy and flags it.
+    stack.proc("gateway").kill()
+    stack.proc("gateway").wait()
+    reply = http_request(stack.spec.frontend_port)
+    assert reply.failed and reply.headers["X-Waf-Error"] == "no answer from the WAF agent"
+    assert reply.status == (503 if policy == "closed" else 200)
+
+
+def _blocked(stack, header: str, tries: int = 12) -> bool:
+    """Several tries so that every worker's rules are exercised."""
+    return all(http_request(stack.spec.frontend_port, headers=[(header, "1")]).status == 403
+               for _ in range(tries))
+
+
+def test_reload_applies_good_rules_and_keeps_serving_on_broken_ones(stacks, tmp_path, haproxy_bin):
+    stack = _stack(tmp_path, haproxy_bin, replicas=1, workers=2)
+    stacks.append(stack)
+    supervisor = stack.proc("wafsvc1")
+
+    def logged(msg: str) -> list:
+        return [e for e in _log_events(stack, "wafsvc1") if e.get("msg") == msg]
+
+    with Load(stack.spec.frontend_port, clients=4) as load:
+        assert http_request(stack.spec.frontend_port, headers=[("X-Attack-2", "1")]).status == 200
+        stack.rules_file.write_text(RULES_V2)
+        supervisor.send_signal(signal.SIGHUP)
+        _wait_for(lambda: len(logged("rules reloaded")) == 3, 20, "supervisor and both workers to reload")
+        assert _blocked(stack, "X-Attack-2")
+
+        stack.rules_file.write_text(BROKEN)
+        supervisor.send_signal(signal.SIGHUP)
+        failures = _wait_for(lambda: len(logged("rule reload failed; the previous rules stay in service")) == 3
+                             and logged("rule reload failed; the previous rules stay in service"),
+                             20, "the reload failure to be logged")
+        time.sleep(0.5)
+    assert all("SecNoSuchDirective" in e["error"] and e["reload_failures"] == 1 for e in failures), failures
+    assert _blocked(stack, "X-Attack") and _blocked(stack, "X-Attack-2")
+    assert http_request(stack.spec.frontend_port).status == 200
+    _assert_all_verdicts(load)
+
+
+def test_sigterm_of_a_replica_under_load_finishes_everything_quickly(stacks, tmp_path, haproxy_bin):
+    stack = _stack(tmp_path, haproxy_bin, replicas=2, workers=2, wafsvc_env={"WAF_DRAIN_GRACE_MS": "30000"})
+    stacks.append(stack)
+    with Load(stack.spec.frontend_port, clients=6) as load:
+        time.sleep(1.5)
+        started = time.monotonic()
+        status = stack.kill_wafsvc(0, signal.SIGTERM)
+        drain = time.monotonic() - started
+        time.sleep(1)
+    _assert_all_verdicts(load)
+    assert status == 0
+    # Idle streams must not hold the replica for the 30 s grace period.
+    assert drain < 10, drain
+    stopped = _served(stack, 0)
+    assert len(stopped) == 2 and sum(stopped.values()) > 0
+    print(f"replica drained in {drain * 1000:.0f} ms, {len(load.results)} requests, all with verdicts")
