@@ -25,8 +25,10 @@ from gateway.config import OPTIONS as GATEWAY_OPTIONS
 from stack import processes
 from wafapi import waf_pb2
 from wafsvc import healthcheck
-from wafsvc.__main__ import DRAIN_GRACE_S
 from wafsvc.config import OPTIONS as WAFSVC_OPTIONS
+from wafsvc.config import WafConfig
+
+DRAIN_GRACE_S = WafConfig.drain_grace_ms / 1000  # WAF_DRAIN_GRACE_MS default
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
