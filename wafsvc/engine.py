@@ -23,6 +23,14 @@ log = logging.getLogger("wafsvc.engine")
 CONNECTOR = "modsec-spoa wafsvc"
 DEFAULT_APP = ""
 
+# A body cut short before inspection (HAProxy hands SPOE at most one buffer)
+# is reported as this synthetic match, in ModSecurity's local-use id range,
+# so txn.modsec.rules and the logs say why a request was stopped or flagged.
+TRUNCATED_BODY_RULE_ID = 99010
+TRUNCATED_BODY_MESSAGE = "request body truncated before inspection"
+TRUNCATED_BODY_STATUS = 403
+TRUNCATED_BODY_POLICIES = ("block", "allow")
+
 
 class EvaluationFailed(Exception):
     """The request cannot be evaluated; code is a grpc.StatusCode name."""
@@ -49,7 +57,11 @@ def _load_rules_set(text: str, what: str) -> tuple[libmodsecurity.RulesSet, int]
 
 
 class Engine:
-    def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32) -> None:
+    def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
+                 truncated_body: str = "block") -> None:
+        if truncated_body not in TRUNCATED_BODY_POLICIES:
+            raise ValueError(f"truncated_body must be block or allow, got {truncated_body!r}")
+        self.truncated_body = truncated_body
         self._modsec = libmodsecurity.ModSecurity()
         self._modsec.set_connector_information(CONNECTOR)
         # Without a callback libmodsecurity prints every match to stderr;
@@ -157,7 +169,24 @@ class Engine:
         for msg in messages:
             add(id=msg.rule_id, message=msg.message, severity=msg.severity, tags=msg.tags,
                 matched_data=msg.data, phase=msg.phase)
+        if req.body_truncated:
+            self._apply_truncation_policy(req, verdict)
         return verdict
+
+    def _apply_truncation_policy(self, req: waf_pb2.EvaluateRequest, verdict: waf_pb2.Verdict) -> None:
+        """What arrived was inspected; the rest never will be, so an attack
+        could hide past the cut. Always say so; deny unless told to allow
+        (and never in detect mode, where nothing is denied)."""
+        declared = f"{req.content_length} declared" if req.content_length >= 0 else "chunked"
+        verdict.matches.add(id=TRUNCATED_BODY_RULE_ID, message=TRUNCATED_BODY_MESSAGE, severity=2,
+                            tags=["modsec-spoa/truncated-body"], phase=2,
+                            matched_data=f"{len(req.body)} bytes inspected, {declared}")
+        blocking = self._specs.get(req.application, RuleSetSpec("")).mode == "block"
+        if self.truncated_body == "block" and blocking and not verdict.intervention:
+            verdict.intervention = True
+            verdict.status = TRUNCATED_BODY_STATUS
+            verdict.action = waf_pb2.ACTION_DENY
+            verdict.log = f"[id \"{TRUNCATED_BODY_RULE_ID}\"] {TRUNCATED_BODY_MESSAGE}"
 
 
 def _run_request_phases(tx: libmodsecurity.Transaction, req: waf_pb2.EvaluateRequest):
