@@ -15,6 +15,7 @@ import sys
 
 from common import logs
 from common.options import ConfigError, host_port
+from common.secrets import read_secret
 from gateway.config import GatewayConfig
 from gateway.pool import WafPool
 from gateway.server import Gateway
@@ -36,10 +37,33 @@ def hooks(config: GatewayConfig, pool: WafPool):
     return hooks
 
 
+def channel_security(config: GatewayConfig):
+    """(credentials, channel options, call metadata) for the path to wafsvc."""
+    import grpc
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    credentials, options, metadata = None, (), ()
+    if config.tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(config.tls_ca), private_key=read(config.tls_key),
+            certificate_chain=read(config.tls_cert))
+        if config.tls_server_name:
+            options = (("grpc.ssl_target_name_override", config.tls_server_name),)
+    if config.token_file:
+        metadata = (("authorization", f"Bearer {read_secret(config.token_file)}"),)
+    return credentials, options, metadata
+
+
 async def serve(config: GatewayConfig) -> None:
+    credentials, options, metadata = channel_security(config)
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
                    max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000,
-                   hedge_s=config.hedge_ms / 1000, recycle_s=config.recycle_ms / 1000)
+                   hedge_s=config.hedge_ms / 1000, recycle_s=config.recycle_ms / 1000,
+                   credentials=credentials, call_metadata=metadata, channel_options=options)
     await pool.start()
     gateway = Gateway(config, pool, hooks(config, pool))
     host, port = host_port(config.listen)
@@ -64,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, "gateway")
+    if config.token_file:
+        try:
+            read_secret(config.token_file)
+        except (OSError, ValueError) as exc:
+            print(f"gateway: configuration error: GATEWAY_TOKEN_FILE: {exc}", file=sys.stderr)
+            return 2
     import uvloop
     uvloop.run(serve(config))
     return 0

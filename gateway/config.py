@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -38,6 +39,20 @@ OPTIONS = (
            "close connections that do not say HELLO within this time", int),
     Option("idle_timeout_ms", "GATEWAY_IDLE_TIMEOUT_MS", 600000,
            "close connections that send nothing for this long", int),
+    Option("frame_timeout_ms", "GATEWAY_FRAME_TIMEOUT_MS", 5000,
+           "a frame HAProxy has started must be complete within this time (slow-loris guard)", int),
+    Option("haproxy_bufsize", "GATEWAY_HAPROXY_BUFSIZE", 65536,
+           "HAProxy's tune.bufsize: a body without Content-Length (chunked, HTTP/2) that fills "
+           "that buffer is treated as truncated (WAF_TRUNCATED_BODY applies); 0 = do not guess", int),
+    Option("tls_ca", "GATEWAY_TLS_CA", "",
+           "CA bundle (PEM) that signed wafsvc's certificate; setting it (or GATEWAY_TLS_CERT) turns TLS on"),
+    Option("tls_cert", "GATEWAY_TLS_CERT", "",
+           "client certificate chain (PEM) for mutual TLS with wafsvc"),
+    Option("tls_key", "GATEWAY_TLS_KEY", "", "private key (PEM) of GATEWAY_TLS_CERT"),
+    Option("tls_server_name", "GATEWAY_TLS_SERVER_NAME", "",
+           "name to verify in wafsvc's certificate instead of the target's host name"),
+    Option("token_file", "GATEWAY_TOKEN_FILE", "",
+           "file holding the bearer token sent to wafsvc (WAF_TOKEN_FILE); empty = none"),
     Option("default_app", "GATEWAY_DEFAULT_APP", "",
            "rule set used when the SPOE message carries no app argument"),
     Option("metrics", "GATEWAY_METRICS", "", "Prometheus listen address, e.g. 127.0.0.1:9101; empty = off"),
@@ -64,6 +79,13 @@ class GatewayConfig:
     max_frame_size: int = 1048576
     hello_timeout_ms: int = 5000
     idle_timeout_ms: int = 600000
+    frame_timeout_ms: int = 5000
+    haproxy_bufsize: int = 65536
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    token_file: str = ""
     default_app: str = ""
     metrics: str = ""
     log_request_data: bool = False
@@ -80,14 +102,30 @@ class GatewayConfig:
                                   ("GATEWAY_STREAMS", self.streams, 1),
                                   ("GATEWAY_MAX_BATCH", self.max_batch, 1),
                                   ("GATEWAY_MAX_INFLIGHT", self.max_inflight, 1),
-                                  ("GATEWAY_MAX_FRAME_SIZE", self.max_frame_size, 256)):
+                                  ("GATEWAY_MAX_FRAME_SIZE", self.max_frame_size, 256),
+                                  ("GATEWAY_HELLO_TIMEOUT_MS", self.hello_timeout_ms, 1),
+                                  ("GATEWAY_IDLE_TIMEOUT_MS", self.idle_timeout_ms, 1),
+                                  ("GATEWAY_FRAME_TIMEOUT_MS", self.frame_timeout_ms, 1),
+                                  ("GATEWAY_HAPROXY_BUFSIZE", self.haproxy_bufsize, 0)):
             if value < low:
                 raise ConfigError(f"{label} must be at least {low}, got {value}")
         for label, value in (("GATEWAY_HEDGE_MS", self.hedge_ms), ("GATEWAY_RECYCLE_MS", self.recycle_ms)):
             if value < 0:
                 raise ConfigError(f"{label} must be 0 or more, got {value}")
+        for label, path in (("GATEWAY_TLS_CA", self.tls_ca), ("GATEWAY_TLS_CERT", self.tls_cert),
+                            ("GATEWAY_TLS_KEY", self.tls_key), ("GATEWAY_TOKEN_FILE", self.token_file)):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"{label}: {path} does not exist")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together: set both or neither")
+        if self.tls_server_name and not self.tls:
+            raise ConfigError("GATEWAY_TLS_SERVER_NAME needs TLS: set GATEWAY_TLS_CA")
         if self.failure_policy not in ("closed", "open"):
             raise ConfigError(f"GATEWAY_FAILURE_POLICY: {self.failure_policy!r} is not closed or open")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,

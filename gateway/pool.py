@@ -157,7 +157,8 @@ class WafPool:
     def __init__(self, target: str, *, channels: int = 4, streams: int = 4, max_batch: int = 16,
                  deadline_s: float = 0.4, hedge_s: float = 0.15, recycle_s: float = 15.0,
                  credentials: grpc.ChannelCredentials | None = None,
-                 call_metadata: tuple = (), max_message_bytes: int = 8 * 1024 * 1024) -> None:
+                 call_metadata: tuple = (), max_message_bytes: int = 8 * 1024 * 1024,
+                 channel_options: tuple = ()) -> None:
         self.target = target
         self.deadline_s = deadline_s
         self.hedge_s = hedge_s if 0 < hedge_s < deadline_s else deadline_s
@@ -200,6 +201,7 @@ class WafPool:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.dns_min_time_between_resolutions_ms", 1000),
+            *channel_options,  # e.g. the TLS server name override
         ]
 
     # -- lifecycle -------------------------------------------------------

@@ -83,6 +83,7 @@ class SpopProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
         self._timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -97,8 +98,9 @@ class SpopProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.connections.discard(self)
         self.gateway.paused.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
         self.transport = None
         self.gateway.hooks.connection_closed("io" if exc else "closed")
 
@@ -122,6 +124,8 @@ class SpopProtocol(asyncio.Protocol):
         self._flush()
         if self.conn.state is ConnectionState.CLOSED and self.transport is not None:
             self.transport.close()
+        else:
+            self._time_partial_frame(started_new=bool(events))
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -139,7 +143,8 @@ class SpopProtocol(asyncio.Protocol):
             self.ack(notify.stream_id, notify.frame_id, [])
             return
         try:
-            request, context = mapping.build_request(dict(message.args), gateway.config.default_app)
+            request, context = mapping.build_request(dict(message.args), gateway.config.default_app,
+                                                    gateway.config.haproxy_bufsize)
         except (mapping.InvalidMessage, SpopError) as exc:
             reason = f"invalid request message: {exc}"
             gateway.hooks.invalid_message(str(exc))
@@ -203,6 +208,31 @@ class SpopProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(self.gateway.config.idle_timeout_ms / 1000, self._on_timer)
+
+    def _time_partial_frame(self, started_new: bool) -> None:
+        """A frame must complete within frame_timeout_ms: without this, a peer
+        trickling one byte at a time keeps the idle timer happy forever."""
+        if not self.conn.receiving_frame:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+                self._frame_timer = None
+        elif self._frame_timer is None or started_new:  # a frame completed, the next one began
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+            self._frame_timer = self._loop.call_later(self.gateway.config.frame_timeout_ms / 1000,
+                                                      self._on_frame_timeout)
+
+    def _on_frame_timeout(self) -> None:
+        self._frame_timer = None
+        if self.transport is None or not self.conn.receiving_frame:
+            return
+        if self in self.gateway.paused:  # we stopped reading it: not the peer's fault
+            self._time_partial_frame(started_new=True)
+            return
+        self.gateway.hooks.protocol_error("timeout")
+        log.warning("SPOP frame not completed in time; disconnecting",
+                    extra={"timeout_ms": self.gateway.config.frame_timeout_ms})
+        self.disconnect(Status.TIMEOUT, "frame not completed in time")
 
     def _on_timer(self) -> None:
         if self.transport is None:

@@ -35,13 +35,30 @@ def wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout: float =
     raise TimeoutError(f"{name} did not listen on port {port} within {timeout}s")
 
 
-def wait_for_health(port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0) -> None:
+def health_channel(port: int, gateway_env: dict[str, str]):
+    """A channel to wafsvc that speaks TLS when the gateway's settings do."""
+    import grpc
+
+    def read(name: str) -> bytes | None:
+        path = gateway_env.get(name)
+        return pathlib.Path(path).read_bytes() if path else None
+    if not (gateway_env.get("GATEWAY_TLS_CA") or gateway_env.get("GATEWAY_TLS_CERT")):
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+    credentials = grpc.ssl_channel_credentials(read("GATEWAY_TLS_CA"), read("GATEWAY_TLS_KEY"),
+                                               read("GATEWAY_TLS_CERT"))
+    name = gateway_env.get("GATEWAY_TLS_SERVER_NAME")
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
+
+
+def wait_for_health(port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0,
+                    gateway_env: dict[str, str] | None = None) -> None:
     """Waits until wafsvc's grpc.health.v1 says SERVING (rules loaded)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with health_channel(port, gateway_env or {}) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -137,7 +154,8 @@ class Stack:
             self.start_backend()
             replicas = [self.start_wafsvc(i) for i in range(len(self.spec.wafsvc_ports))]
             for i, proc in enumerate(replicas):
-                wait_for_health(self.spec.wafsvc_ports[i], proc, f"wafsvc{i + 1}")
+                wait_for_health(self.spec.wafsvc_ports[i], proc, f"wafsvc{i + 1}",
+                                gateway_env=self.spec.gateway_env)
             self.start_gateway()
             self.start_haproxy()
             self.wait_until_protected()

@@ -27,6 +27,7 @@ import time
 
 from common import logs
 from common.options import ConfigError
+from common.secrets import read_secret
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
 from wafsvc.rules import RuleSetSpec, RulesError
@@ -52,11 +53,16 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
 
 async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     from wafsvc.metrics import observe
-    from wafsvc.service import build_server, set_serving
+    from wafsvc.service import build_server, server_credentials, set_serving
 
     observed = observe(engine)  # metrics (WAF_METRICS) and per-request logs
+    # Credentials are gRPC objects: built here, after the fork.
+    credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                   if config.tls_cert else None)
+    token = read_secret(config.token_file) if config.token_file else ""
     server, servicer, health = build_server(observed, config.listen, config.max_request_bytes,
-                                            replica_id, config.workers)
+                                            replica_id, config.workers,
+                                            credentials=credentials, token=token)
     # NOT_SERVING until this worker can answer: a health check never sees the
     # replica ready before its rules are in place.
     await set_serving(health, False)
@@ -68,7 +74,12 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config) and observed.sync_rules())
+    watchdog = None
+    if config.worker_max_rss_mb:
+        watchdog = asyncio.create_task(watch_rss(config.worker_max_rss_mb, stopping))
     await stopping.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     started = time.monotonic()
     # NOT_SERVING first, so health-checking balancers stop sending; then
     # refuse new calls and end each stream once it has answered what it read.
@@ -81,6 +92,28 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
                                       "evaluations": servicer.evaluations,
                                       "drain_seconds": round(time.monotonic() - started, 3)})
+
+
+RSS_CHECK_INTERVAL_S = 1.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+async def watch_rss(limit_mb: int, stopping: asyncio.Event) -> None:
+    """Recycles a worker that grew past its memory limit: it drains like on
+    SIGTERM and exits; the supervisor forks a fresh one from the loaded rules."""
+    while not stopping.is_set():
+        rss = rss_bytes()
+        if rss > limit_mb * 1024 * 1024:
+            log.error("worker over its memory limit; draining and restarting",
+                      extra={"rss_mb": rss // (1024 * 1024), "limit_mb": limit_mb})
+            stopping.set()
+            return
+        await asyncio.sleep(RSS_CHECK_INTERVAL_S)
 
 
 def reload(engine: Engine, config: WafConfig) -> bool:
@@ -203,8 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot listen for metrics", extra={"metrics": config.metrics, "error": str(exc)})
             return 1
+    if config.token_file:  # checked before forking, so a bad file fails at start
+        try:
+            read_secret(config.token_file)
+        except (OSError, ValueError) as exc:
+            print(f"wafsvc: configuration error: WAF_TOKEN_FILE: {exc}", file=sys.stderr)
+            return 2
     try:
-        engine = Engine(rule_specs(config), config.ignore_profiles)
+        engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body)
     except RulesError as exc:
         log.error("cannot load rules", extra={"error": str(exc)})
         if exporter is not None:

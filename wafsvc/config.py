@@ -64,6 +64,20 @@ OPTIONS = (
            "bodies", _audit_parts),
     Option("drain_grace_ms", "WAF_DRAIN_GRACE_MS", 10000,
            "on SIGTERM, longest wait for evaluations in flight; idle streams end at once", int),
+    Option("truncated_body", "WAF_TRUNCATED_BODY", "block",
+           "a request whose body arrived cut short (body_truncated): block = deny (403) after "
+           "inspecting what arrived, allow = inspect what arrived and let it through; both "
+           "report rule 99010", choices=("block", "allow")),
+    Option("tls_cert", "WAF_TLS_CERT", "",
+           "server certificate chain (PEM); with WAF_TLS_KEY, gRPC is TLS only and plaintext is refused"),
+    Option("tls_key", "WAF_TLS_KEY", "", "private key (PEM) of WAF_TLS_CERT"),
+    Option("tls_client_ca", "WAF_TLS_CLIENT_CA", "",
+           "CA bundle (PEM); when set, clients must present a certificate it signed (mutual TLS)"),
+    Option("token_file", "WAF_TOKEN_FILE", "",
+           "file holding a bearer token that every call except health checks must present "
+           "(authorization: Bearer ...); empty = no token"),
+    Option("worker_max_rss_mb", "WAF_WORKER_MAX_RSS_MB", 0,
+           "a worker whose resident memory grows past this drains and is replaced; 0 = no limit", int),
     Option("metrics", "WAF_METRICS", "",
            "Prometheus listen address, e.g. 127.0.0.1:9102; empty = off"),
     Option("log_level", "LOG_LEVEL", "info", "debug, info, warning or error",
@@ -88,6 +102,12 @@ class WafConfig:
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
     drain_grace_ms: int = 10000
+    truncated_body: str = "block"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    token_file: str = ""
+    worker_max_rss_mb: int = 0
     metrics: str = ""
     log_level: str = "info"
 
@@ -115,9 +135,19 @@ class WafConfig:
         if self.audit_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.audit_log))):
             raise ConfigError(f"WAF_AUDIT_LOG: the directory of {self.audit_log} does not exist")
         for label, path in (("RULES", self.rules), ("CRS_DIR", self.crs_dir),
-                            ("WAF_BASE_CONF", self.base_conf), *self.apps.items()):
+                            ("WAF_BASE_CONF", self.base_conf), ("WAF_TLS_CERT", self.tls_cert),
+                            ("WAF_TLS_KEY", self.tls_key), ("WAF_TLS_CLIENT_CA", self.tls_client_ca),
+                            ("WAF_TOKEN_FILE", self.token_file), *self.apps.items()):
             if path and not os.path.exists(path):
                 raise ConfigError(f"{label}: {path} does not exist")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("WAF_TLS_CERT and WAF_TLS_KEY go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("WAF_TLS_CLIENT_CA (mutual TLS) needs WAF_TLS_CERT and WAF_TLS_KEY")
+        if self.truncated_body not in ("block", "allow"):
+            raise ConfigError(f"WAF_TRUNCATED_BODY: {self.truncated_body!r} is not block or allow")
+        if self.worker_max_rss_mb < 0:
+            raise ConfigError("WAF_WORKER_MAX_RSS_MB must be 0 (off) or a size in MiB")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,

@@ -12,6 +12,7 @@ connection to one worker, so coverage is luck unless someone checks).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import socket
@@ -108,8 +109,65 @@ def _consume(task: asyncio.Future) -> None:
         task.exception()
 
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` (UNAUTHENTICATED).
+
+    Health checks stay open so that orchestrators can probe without the
+    secret; they reveal nothing but SERVING. TLS protects the token on the wire.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                if hmac.compare_digest(given, self._expected):
+                    return handler
+                break
+        return _refusal(handler, "missing or wrong bearer token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    # Same streaming shape as the real method, so the framework reads the call
+    # the way the client sends it, then aborts before the servicer runs.
+    async def refuse(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse_stream if handler.response_streaming else refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
+    """TLS from PEM files; with client_ca, clients must present a certificate it signed."""
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_server_credentials(
+        [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None,
+        require_client_auth=bool(client_ca))
+
+
 def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id: str = "",
-                 workers: int = 1) -> tuple[grpc.aio.Server, WafServicer, health.aio.HealthServicer]:
+                 workers: int = 1, credentials: grpc.ServerCredentials | None = None,
+                 token: str = "") -> tuple[grpc.aio.Server, WafServicer, health.aio.HealthServicer]:
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -122,7 +180,8 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
         ("grpc.http2.min_ping_interval_without_data_ms", 5 * 1000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    server = grpc.aio.server(options=options)
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     servicer = WafServicer(engine, replica_id, workers)
     waf_pb2_grpc.add_WafServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -131,7 +190,10 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    if server.add_insecure_port(listen) == 0:
+    # With credentials the port speaks TLS only: a plaintext client fails its handshake.
+    bound = (server.add_secure_port(listen, credentials) if credentials is not None
+             else server.add_insecure_port(listen))
+    if bound == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, servicer, health_servicer
 

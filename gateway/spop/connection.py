@@ -127,6 +127,11 @@ class AgentConnection:
         return self._max
 
     @property
+    def receiving_frame(self) -> bool:
+        """True while part of a frame is buffered: callers time how long it takes."""
+        return bool(self._buf)
+
+    @property
     def healthcheck(self) -> bool:
         return self._healthcheck
 
