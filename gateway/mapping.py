@@ -43,6 +43,18 @@ class RequestContext:
     body_truncated: bool
 
 
+def _utf8(text: str) -> str:
+    """Protobuf strings must be valid UTF-8. The codec keeps undecodable bytes
+    as surrogates; show them as \\xNN instead of failing the request, which
+    could turn into a pass under the open failure policy (unique-id formats
+    may carry client-chosen bytes)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _text(args: dict, name: str, required: bool = False) -> str:
     value = args.get(name)
     if value is None:
@@ -50,9 +62,9 @@ def _text(args: dict, name: str, required: bool = False) -> str:
             raise InvalidMessage(f"argument {name!r} is missing")
         return ""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
+        return value.decode("utf-8", "backslashreplace")
     if isinstance(value, str):
-        return value
+        return _utf8(value)
     raise InvalidMessage(f"argument {name!r} should be a string, got {type(value).__name__}")
 
 
@@ -71,8 +83,10 @@ def _address(args: dict, name: str) -> str:
     value = args.get(name)
     if value is None:
         return ""
-    if isinstance(value, (IPv4Address, IPv6Address, str)):
+    if isinstance(value, (IPv4Address, IPv6Address)):
         return str(value)
+    if isinstance(value, str):
+        return _utf8(value)
     raise InvalidMessage(f"argument {name!r} should be an address, got {type(value).__name__}")
 
 
@@ -88,7 +102,7 @@ def _port(args: dict, name: str) -> int:
 def _rule_ids(text: str) -> list[int]:
     ids = []
     for token in text.replace(",", " ").split():
-        if not token.isdigit() or int(token) == 0:
+        if not (token.isascii() and token.isdigit()) or int(token) == 0:
             raise InvalidMessage(f"ignorerules: {token!r} is not a rule id")
         ids.append(int(token))
     return ids

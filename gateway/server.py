@@ -151,6 +151,12 @@ class SpopProtocol(asyncio.Protocol):
             gateway.hooks.failure(None, reason, 0.0)
             self.ack(notify.stream_id, notify.frame_id, mapping.failure_actions(reason, gateway.fail_closed))
             return
+        except Exception:  # a bug; answer this request and keep the connection's others alive
+            log.exception("cannot map a request message")
+            gateway.hooks.failure(None, "internal error mapping the request", 0.0)
+            self.ack(notify.stream_id, notify.frame_id,
+                     mapping.failure_actions("internal error mapping the request", gateway.fail_closed))
+            return
         gateway.pool.submit(request, partial(self._on_result, notify.stream_id, notify.frame_id,
                                              context, started))
         if gateway.pool.inflight >= gateway.config.max_inflight and self.transport is not None:

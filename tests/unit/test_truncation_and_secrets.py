@@ -141,3 +141,43 @@ def test_tls_settings_are_checked(tmp_path):
     assert GatewayConfig(tls_ca=str(pem)).tls and not GatewayConfig().tls
     with pytest.raises(ConfigError, match="FRAME_TIMEOUT"):
         GatewayConfig(frame_timeout_ms=0)
+
+
+# -- any argument value HAProxy could send maps or is refused cleanly -------
+
+from ipaddress import IPv4Address, IPv6Address  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from gateway.spop import Int32, UInt32, UInt64, SpopError  # noqa: E402
+
+_text_or_bytes = st.one_of(st.text(), st.binary(),
+                           st.binary().map(lambda b: b.decode("utf-8", "surrogateescape")))
+_any_value = st.one_of(st.none(), st.booleans(), _text_or_bytes,
+                       st.integers(-(1 << 31), (1 << 31) - 1).map(Int32),
+                       st.integers(0, (1 << 32) - 1).map(UInt32),
+                       st.integers(-(1 << 63), (1 << 63) - 1).map(Int64),
+                       st.integers(0, (1 << 64) - 1).map(UInt64),
+                       st.integers(0, (1 << 32) - 1).map(IPv4Address),
+                       st.integers(0, (1 << 128) - 1).map(IPv6Address))
+_ARGS = ("id", "app", "src", "src_port", "dst", "dst_port", "method", "uri", "ver", "headers",
+         "body", "ignore", "frontend", "body_size")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.fixed_dictionaries({}, optional={name: _any_value for name in _ARGS}))
+def test_hostile_argument_values_map_or_raise_invalid_message(args):
+    """Anything else escaping build_request would abort the HAProxy connection
+    and every request pipelined on it; a request must also serialize."""
+    try:
+        request, _ = mapping.build_request(args, "", BUF)
+    except (mapping.InvalidMessage, SpopError):
+        return
+    assert request.SerializeToString() is not None
+
+
+def test_invalid_utf8_in_string_arguments_is_kept_visible():
+    raw = b"G\xffT".decode("utf-8", "surrogateescape")
+    request, _ = mapping.build_request({"method": raw, "id": b"id-\xfe", "uri": b"/\xff\x00"})
+    assert request.method == "G\\xffT" and request.transaction_id == "id-\\xfe"
+    assert request.uri == b"/\xff\x00"  # bytes fields stay byte-exact
