@@ -7,7 +7,7 @@ CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-
 CRS_TESTS ?= $(CRS_DIR)/tests
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install up test test-unit test-e2e haproxy32 proto proto-check conformance bench clean
+.PHONY: install up test test-unit test-e2e haproxy32 proto proto-check conformance bench clean fuzz soak
 
 install:
 	@bash scripts/install.sh
@@ -27,6 +27,11 @@ test-unit: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# Socket-level SPOP fuzzing of a real gateway (make test runs 3 s of it).
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(PY) -m fuzz.spop_fuzz --seconds $(FUZZ_SECONDS)
 
 proto: install
 	$(PY) -m wafapi.codegen

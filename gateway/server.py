@@ -85,6 +85,7 @@ class SpopProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._frame_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
+        self._writing_paused = False
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -126,6 +127,18 @@ class SpopProtocol(asyncio.Protocol):
             self.transport.close()
         else:
             self._time_partial_frame(started_new=bool(events))
+
+    def pause_writing(self) -> None:
+        # The peer does not read its ACKs: stop reading its NOTIFYs too, or
+        # ACKs would pile up here without bound.
+        self._writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self not in self.gateway.paused:
+            self.resume()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -206,7 +219,7 @@ class SpopProtocol(asyncio.Protocol):
             self.transport.close()
 
     def resume(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self._writing_paused:
             self.transport.resume_reading()
 
     # -- timeouts ----------------------------------------------------------
@@ -232,7 +245,7 @@ class SpopProtocol(asyncio.Protocol):
         self._frame_timer = None
         if self.transport is None or not self.conn.receiving_frame:
             return
-        if self in self.gateway.paused:  # we stopped reading it: not the peer's fault
+        if self in self.gateway.paused:  # we stopped reading (backpressure): not the peer's fault
             self._time_partial_frame(started_new=True)
             return
         self.gateway.hooks.protocol_error("timeout")
