@@ -193,19 +193,21 @@ def test_observed_engine_counts_and_logs(engine, caplog):
     observed = waf_metrics.ObservedEngine(engine, waf_metrics.WafMetrics(registry))
     caplog.set_level(logging.INFO, logger="wafsvc.requests")
     assert observed.evaluate(_request("127.0.0.1")).intervention
-    assert not observed.evaluate(_request("10.0.0.1", body_truncated=True)).intervention
+    truncated = observed.evaluate(_request("10.0.0.1", body_truncated=True))
+    assert truncated.intervention and truncated.matches[-1].id == 99010  # WAF_TRUNCATED_BODY=block
+    assert not observed.evaluate(_request("10.0.0.3")).intervention
     with pytest.raises(EvaluationFailed):
         observed.evaluate(_request("10.0.0.2", application="nope"))
-    assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 1
+    assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 2
     assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="pass") == 1
     assert value(registry, "modsec_waf_evaluations_total", app="_unknown", verdict="error") == 1
     assert value(registry, "modsec_waf_invalid_requests_total", app="_unknown", reason="invalid_argument") == 1
     assert value(registry, "modsec_waf_invalid_requests_total", app="default", reason="body_truncated") == 1
-    assert value(registry, "modsec_waf_engine_duration_seconds_count", app="default") == 2
+    assert value(registry, "modsec_waf_engine_duration_seconds_count", app="default") == 3
     assert value(registry, "modsec_waf_rules_loaded", app="default") == engine.loaded.rule_counts[""]
     assert value(registry, "modsec_waf_rules_loaded_timestamp_seconds") == engine.loaded.loaded_at
     blocked = [r for r in caplog.records if r.getMessage() == "request blocked"]
-    assert [r.unique_id for r in blocked] == ["uid-127.0.0.1"]
+    assert [r.unique_id for r in blocked] == ["uid-127.0.0.1", "uid-10.0.0.1"]
     failed = [r for r in caplog.records if r.getMessage() == "evaluation failed"]
     assert failed[0].unique_id == "uid-10.0.0.2" and failed[0].code == "INVALID_ARGUMENT"
 
