@@ -67,7 +67,7 @@ class HaproxySetup(Setup):
             haproxy_env["BENCH_WAF"] = "1"
         spec = StackSpec(wafsvc_ports=[free_port() for _ in range(replicas)], wafsvc_workers=workers,
                          wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning"} if rules else {},
-                         gateway_env={"LOG_LEVEL": "warning", **(gateway_env or {})},
+                         gateway_env={"LOG_LEVEL": "info", **(gateway_env or {})},
                          haproxy_env=haproxy_env, haproxy_bin=haproxy_bin,
                          haproxy_cfg=CONF / "haproxy.cfg", spoe_conf=SPOE_CONF,
                          log_dir=run_dir / self.name)

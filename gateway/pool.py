@@ -145,12 +145,16 @@ class Slot:
 class PoolStats:
     """Counters the metrics layer reads; plain ints keep the hot path cheap."""
     __slots__ = ("submitted", "answered", "timeouts", "retries", "lane_failures", "errors",
-                 "hedges", "recycles", "coverage_repairs")
+                 "hedges", "recycles", "coverage_repairs",
+                 "messages", "batched")
 
     def __init__(self) -> None:
         self.submitted = self.answered = self.timeouts = 0
         self.retries = self.lane_failures = self.errors = 0
         self.hedges = self.recycles = self.coverage_repairs = 0
+        # Stream messages written and the requests they carried: batched /
+        # messages is the batch size actually achieved.
+        self.messages = self.batched = 0
 
 
 class WafPool:
@@ -250,6 +254,9 @@ class WafPool:
 
     async def close(self) -> None:
         self._closing = True
+        stats = self.stats
+        log.info("pool closing", extra={"answered": stats.answered, "messages": stats.messages,
+                                        "mean_batch": round(stats.batched / max(1, stats.messages), 2)})
         tasks = list(self._tasks)
         if self._replacing is not None:
             tasks.append(self._replacing)
@@ -308,8 +315,14 @@ class WafPool:
             if best is None or load < best_load:
                 best, best_load = worker, load
         worker = best
-        worker.turn = (worker.turn + 1) % len(worker.lanes)
-        lane = worker.lanes[worker.turn]
+        lane = worker.lanes[worker.turn % len(worker.lanes)]
+        if not lane.queue:
+            # Join the batch this worker is filling, if any: the lane writes
+            # its whole queue as one message on the next loop iteration.
+            # Rotating per request would spread one wakeup's requests over
+            # every lane, one per message (measured: mean batch 1.2).
+            worker.turn = (worker.turn + 1) % len(worker.lanes)
+            lane = worker.lanes[worker.turn]
         worker.inflight += 1
         pending.lane = lane
         pending.attempts += 1
@@ -394,6 +407,8 @@ class WafPool:
                         continue
                     for p in live:
                         lane.sent[p.ref] = p
+                    self.stats.messages += 1
+                    self.stats.batched += len(live)
                     await call.write(b"".join(p.entry for p in live))
         except asyncio.CancelledError:
             raise
