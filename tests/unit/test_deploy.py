@@ -182,6 +182,34 @@ def test_compose_file_passes_docker_compose_config():
     assert result.returncode == 0, result.stderr
 
 
+def haproxy_binaries() -> list:
+    found = [shutil.which("haproxy"), ROOT / ".tools" / "haproxy32" / "haproxy"]
+    return [pytest.param(str(b), id=pathlib.Path(b).parent.name) for b in found if b and pathlib.Path(b).exists()]
+
+
+def deployed_haproxy_env(which: str) -> dict[str, str]:
+    if which == "compose":
+        return env_of(yaml.safe_load(COMPOSE.read_text())["services"]["haproxy"])
+    deployment = next(doc for doc in load_all(DEPLOY / "k8s" / "haproxy.yaml") if doc["kind"] == "Deployment")
+    return env(container(deployment, "haproxy"))
+
+
+@pytest.mark.parametrize("which", ["compose", "kubernetes"])
+@pytest.mark.parametrize("binary", haproxy_binaries() or [pytest.param(None, marks=pytest.mark.skip("no haproxy"))])
+def test_haproxy_accepts_the_cfg_with_the_deployed_environment(binary, which):
+    """`haproxy -c` parses and checks the cfg without binding anything."""
+    deployed = deployed_haproxy_env(which)
+    checked = dict(deployed)
+    # Service names resolve only inside Docker or the cluster; the image's
+    # SPOE_CONF is a copy of the same file.
+    for name in ("BACKEND_ADDR", "GATEWAY_ADDR"):
+        checked[name] = "127.0.0.1:" + deployed[name].rsplit(":", 1)[1]
+    assert pathlib.Path(deployed["SPOE_CONF"]).name == stack_default("spoe_conf").name
+    checked["SPOE_CONF"] = str(stack_default("spoe_conf"))
+    result = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], env={"PATH": "/usr/bin:/bin", **checked},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
 # ------------------------------------------------------------- Dockerfiles --
 
 def stages(dockerfile: pathlib.Path) -> dict[str, str]:
