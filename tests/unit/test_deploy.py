@@ -101,6 +101,7 @@ def test_wafsvc_can_scale(compose):
     assert "container_name" not in wafsvc
     assert "ports" not in wafsvc
     assert "wafsvc.healthcheck" in " ".join(wafsvc["healthcheck"]["test"])
+    assert wafsvc["platform"] == "linux/amd64", "the libmodsecurity wheel is x86_64 only"
 
 
 def test_compose_addresses_line_up(compose):
@@ -482,6 +483,11 @@ def test_wafsvc_is_headless_and_probed_over_grpc(objects):
     service_port = next(p["port"] for p in service["spec"]["ports"] if p["targetPort"] == "grpc")
     gateway = container(objects[("Deployment", "haproxy")], "gateway")
     assert env(gateway)["GATEWAY_WAFSVC"] == f"dns:///wafsvc:{service_port}"
+
+
+def test_wafsvc_runs_where_its_wheel_exists(objects):
+    pod = objects[("Deployment", "wafsvc")]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
 
 
 def test_wafsvc_workers_match_its_cpu_limit(objects):
