@@ -31,7 +31,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                event[key] = value
+                # The base fields stay trustworthy: an extra called "pid"
+                # (say, of a dead worker) lands beside them, not over them.
+                event["extra_" + key if key in event else key] = value
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         return json.dumps(event, default=str, ensure_ascii=False)

@@ -187,7 +187,7 @@ class Exporter:
         if pid == 0:
             os._exit(self._serve())
         self.pid = pid
-        log.info("metrics listening", extra={"metrics": self.address, "pid": pid})
+        log.info("metrics listening", extra={"metrics": self.address, "server_pid": pid})
 
     def _serve(self) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -224,7 +224,7 @@ class Exporter:
         if pid == self.pid:
             self.pid = 0
             if restart:
-                log.error("metrics server died; restarting", extra={"pid": pid})
+                log.error("metrics server died; restarting", extra={"server_pid": pid})
                 self.start()
             return
         multiprocess.mark_process_dead(pid, self.path)

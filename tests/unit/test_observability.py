@@ -86,6 +86,13 @@ def test_json_log_lines_carry_extra_fields():
     assert event["service"] == "gateway" and event["level"] == "warning" and event["msg"] == "request blocked"
 
 
+def test_json_log_extras_never_overwrite_the_base_fields():
+    record = logging.makeLogRecord({"msg": "worker died", "levelname": "ERROR", "pid": 4242, "service": "x"})
+    event = json.loads(JsonFormatter("wafsvc").format(record))
+    assert event["pid"] == record.process and event["extra_pid"] == 4242
+    assert event["service"] == "wafsvc" and event["extra_service"] == "x"
+
+
 # -- gateway hooks ------------------------------------------------------------
 
 def _context(**kw) -> RequestContext:
