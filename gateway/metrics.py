@@ -67,10 +67,24 @@ class PoolCollector:
                 ("timeouts", stats.timeouts, "evaluations that reached the deadline without a verdict"),
                 ("retries", stats.retries, "evaluations sent again to another worker"),
                 ("stream_failures", stats.lane_failures, "evaluation streams to wafsvc that failed and were reopened"),
-                ("errors", stats.errors, "per-request errors reported by wafsvc")):
+                ("errors", stats.errors, "per-request errors reported by wafsvc"),
+                ("hedges", getattr(stats, "hedges", 0),
+                 "evaluations re-sent because a worker was slow to answer (hung, not dead)"),
+                ("recycles", getattr(stats, "recycles", 0),
+                 "connection sets replaced (rotation, so new replicas get traffic)"),
+                ("coverage_repairs", getattr(stats, "coverage_repairs", 0),
+                 "extra connections opened to reach wafsvc workers no stream reached")):
             family = CounterMetricFamily(f"modsec_gateway_pool_{name}", doc)
             family.add_metric([], value)
             yield family
+        coverage = GaugeMetricFamily("modsec_gateway_pool_replica_workers",
+                                     "per wafsvc replica: workers it reports, and workers the gateway "
+                                     "has a stream to", labels=["replica", "state"])
+        for replica, (reached, reported) in (self.pool.coverage() if hasattr(self.pool, "coverage")
+                                             else {}).items():
+            coverage.add_metric([replica, "reached"], reached)
+            coverage.add_metric([replica, "reported"], reported)
+        yield coverage
         inflight = GaugeMetricFamily("modsec_gateway_pool_inflight", "evaluations waiting for wafsvc now")
         inflight.add_metric([], self.pool.inflight)
         yield inflight

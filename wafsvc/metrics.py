@@ -157,6 +157,27 @@ def observe(engine) -> ObservedEngine:
     return ObservedEngine(engine, ACTIVE)
 
 
+def _collector(path: str):
+    """MultiProcessCollector, minus one race: a process that is being born
+    has created its file but not yet sized it, and reading an empty file
+    fails the whole scrape (seen on worker restarts). Such a process has no
+    values yet, so its file is skipped."""
+    import glob
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    def sized(name: str) -> bool:
+        try:
+            return os.path.getsize(name) >= 8
+        except FileNotFoundError:
+            return False
+
+    class Collector(MultiProcessCollector):
+        def collect(self):
+            return self.merge([f for f in glob.glob(os.path.join(path, "*.db")) if sized(f)], accumulate=True)
+
+    return Collector(None, path=path)
+
+
 class Exporter:
     """The supervisor's side: the multiprocess directory, its own metrics
     (workers, restarts, reloads) and the /metrics server process."""
@@ -169,12 +190,11 @@ class Exporter:
         self.path = tempfile.mkdtemp(prefix="wafsvc-metrics-")
         os.environ[MULTIPROC_ENV] = self.path
         from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         from common.metrics import bind_http
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.path)
+        registry.register(_collector(self.path))
         self.server = bind_http(address, registry)   # fails here, at start, if the port is taken
         self.address = address
         self.metrics = ACTIVE = WafMetrics()

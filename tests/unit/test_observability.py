@@ -260,7 +260,7 @@ def _exported() -> dict[str, set[str]]:
     names: dict[str, set[str]] = {}
     for collector in list(registry._collector_to_names) or []:
         for family in collector.describe() if hasattr(collector, "describe") else collector.collect():
-            labels = set(getattr(collector, "_labelnames", ()))
+            labels = set(getattr(collector, "_labelnames", ())) | set(getattr(family, "_labelnames", ()))
             for suffix in suffixes[family.type]:
                 names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return names
@@ -297,3 +297,10 @@ def test_readme_documents_every_metric():
     families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in _exported()}
     missing = sorted(name for name in families if name not in section)
     assert not missing, f"README 'Metrics and logs' lacks {missing}"
+
+
+def test_dashboard_json_is_built_from_its_script():
+    import runpy
+    built = runpy.run_path(str(ROOT / "scripts/grafana_dashboard.py"))["dash"]
+    assert json.loads(DASHBOARD.read_text()) == built, \
+        "run: python scripts/grafana_dashboard.py > deploy/grafana/dashboards/modsec-spoa.json"
