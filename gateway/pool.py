@@ -104,7 +104,7 @@ class Pending:
 
 class Worker:
     """One wafsvc worker process, as named by its streams' metadata."""
-    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled")
+    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled", "last_answer")
 
     def __init__(self, name: str, replica: str) -> None:
         self.name = name
@@ -112,7 +112,8 @@ class Worker:
         self.lanes: list[Lane] = []   # lanes that take new work
         self.inflight = 0
         self.turn = 0
-        self.stalled = False          # a request timed out here; no new work until it answers
+        self.stalled = False          # hung: no new work until it answers
+        self.last_answer = time.monotonic()
 
 
 class Lane:
@@ -420,9 +421,11 @@ class WafPool:
     def _on_verdicts(self, lane: Lane, batch: waf_pb2.VerdictBatch) -> None:
         sent = lane.sent
         worker = lane.worker
-        if worker is not None and worker.stalled:
-            worker.stalled = False
-            log.info("wafsvc worker answers again", extra={"worker": worker.name})
+        if worker is not None:
+            worker.last_answer = time.monotonic()
+            if worker.stalled:
+                worker.stalled = False
+                log.info("wafsvc worker answers again", extra={"worker": worker.name})
         for item in batch.verdicts:
             pending = sent.pop(item.ref, None)
             if pending is None or pending.done or pending.lane is not lane:
@@ -526,23 +529,27 @@ class WafPool:
                     self._finish(pending, None, "no verdict within the deadline")
 
     def _hedge(self, pending: Pending) -> None:
-        lane = pending.lane
-        worker = lane.worker
-        # Only when another worker is doing better: under general overload,
-        # re-sending would just double the work.
-        if worker is None or not any(w is not worker and not w.stalled and w.inflight < worker.inflight
-                                     for w in self._ready):
-            return
-        if pending.attempts >= MAX_ATTEMPTS:
-            return
-        if lane.sent.pop(pending.ref, None) is None and pending in lane.queue:
-            lane.queue.remove(pending)
-        if not worker.stalled:
-            worker.stalled = True
-            log.warning("wafsvc worker is not answering; sending its requests elsewhere",
-                        extra={"worker": worker.name, "after_ms": round(self.hedge_s * 1000)})
-        self.stats.hedges += 1
-        self._retry(pending, worker)
+        """The worker has not answered anything since this request was
+        submitted: it is hung (or stuck on one huge request). Everything it
+        holds goes elsewhere, and it gets no new work until it answers."""
+        worker = pending.lane.worker
+        if worker is None or worker.last_answer >= pending.hedge_at - self.hedge_s:
+            return  # it answers, just not this one yet: re-sending would double the work
+        if not any(w is not worker and not w.stalled for w in self._ready):
+            return  # nowhere better to go
+        worker.stalled = True
+        log.warning("wafsvc worker is not answering; sending its requests elsewhere",
+                    extra={"worker": worker.name, "after_ms": round(self.hedge_s * 1000)})
+        for lane in list(worker.lanes):
+            held = list(lane.sent.values()) + lane.queue
+            lane.sent.clear()
+            lane.queue.clear()
+            for item in held:
+                if not item.done and item.lane is lane and item.attempts < MAX_ATTEMPTS:
+                    self.stats.hedges += 1
+                    self._retry(item, worker)
+                elif not item.done and item.lane is lane:
+                    lane.sent[item.ref] = item  # out of attempts: the deadline answers it
 
     # -- keeping every worker of every replica reached -------------------
     async def _maintain(self) -> None:

@@ -8,16 +8,16 @@ evaluated when it stops.
 
 from __future__ import annotations
 
-import http.client
 import json
+import os
 import pathlib
 import signal
-import threading
 import time
 
 import pytest
 
 from stack import free_port
+from stack.load import Load
 from tests.e2e.conftest import http_request, start_stack
 
 RULES = ('SecRule REQUEST_HEADERS:x-attack "@streq 1" "id:1001,phase:1,deny,status:403,log,msg:\'attack\'"\n')
@@ -71,73 +71,6 @@ def _wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-class Load:
-    """Clients sending benign GETs through HAProxy on keep-alive
-    connections, each recording every reply: status, WAF action and flag."""
-
-    def __init__(self, port: int, clients: int = 6, total: int | None = None) -> None:
-        self.port = port
-        self.total = total
-        self.results: list[tuple[int, str, str, str, float]] = []
-        self.errors: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sent = 0
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def wait(self, timeout: float = 120) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def _take(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or (self.total is not None and self._sent >= self.total):
-                return False
-            self._sent += 1
-            return True
-
-    def _client(self) -> None:
-        conn = None
-        while self._take():
-            started = time.perf_counter()
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/load", headers={"User-Agent": "pool-test"})
-                resp = conn.getresponse()
-                resp.read()
-                row = (resp.status, resp.headers.get("X-Waf-Action", ""), resp.headers.get("X-Waf-Failed", ""),
-                       resp.headers.get("X-Waf-Error", ""), time.perf_counter() - started)
-                with self._lock:
-                    self.results.append(row)
-                if resp.headers.get("Connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                with self._lock:
-                    self.errors.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-
-    def bad(self) -> list:
-        """Replies without a real verdict: failed, flagged, or not a pass."""
-        return [r for r in self.results if r[0] != 200 or r[1] != "pass" or r[2] == "1"]
 
 
 def _assert_all_verdicts(load: Load) -> None:
@@ -261,3 +194,23 @@ def test_sigterm_of_a_replica_under_load_finishes_everything_quickly(stacks, tmp
     stopped = _served(stack, 0)
     assert len(stopped) == 2 and sum(stopped.values()) > 0
     print(f"replica drained in {drain * 1000:.0f} ms, {len(load.results)} requests, all with verdicts")
+
+
+def test_hung_replica_under_load_is_worked_around_before_the_deadline(stacks, tmp_path, haproxy_bin):
+    # SIGSTOP: connections stay open but nothing answers. Requests sent there
+    # are re-sent elsewhere after GATEWAY_HEDGE_MS, well inside the deadline.
+    stack = _stack(tmp_path, haproxy_bin, replicas=2)
+    stacks.append(stack)
+    replica = stack.proc("wafsvc1")
+    with Load(stack.spec.frontend_port, clients=6) as load:
+        time.sleep(1)
+        os.killpg(replica.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2)
+        finally:
+            os.killpg(replica.pid, signal.SIGCONT)
+        time.sleep(1)
+    _assert_all_verdicts(load)
+    hedged = [e for e in _log_events(stack, "gateway") if e.get("msg", "").startswith("wafsvc worker is not answering")]
+    assert hedged, "the hung worker was never noticed"
+    print(f"hung replica: {len(load.results)} requests, slowest {max(r[4] for r in load.results) * 1000:.0f} ms")
