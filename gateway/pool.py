@@ -256,7 +256,8 @@ class WafPool:
     async def close(self) -> None:
         self._closing = True
         stats = self.stats
-        log.info("pool closing", extra={"answered": stats.answered, "messages": stats.messages,
+        log.info("pool closing", extra={"answered": stats.answered, "unanswered": self.inflight,
+                                        "messages": stats.messages,
                                         "mean_batch": round(stats.batched / max(1, stats.messages), 2)})
         tasks = list(self._tasks)
         if self._replacing is not None:

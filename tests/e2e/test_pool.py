@@ -214,3 +214,26 @@ def test_hung_replica_under_load_is_worked_around_before_the_deadline(stacks, tm
     hedged = [e for e in _log_events(stack, "gateway") if e.get("msg", "").startswith("wafsvc worker is not answering")]
     assert hedged, "the hung worker was never noticed"
     print(f"hung replica: {len(load.results)} requests, slowest {max(r[4] for r in load.results) * 1000:.0f} ms")
+
+
+def test_sigterm_of_the_gateway_answers_what_it_took_then_disconnects(stacks, tmp_path, haproxy_bin):
+    stack = _stack(tmp_path, haproxy_bin, replicas=1, workers=2)
+    stacks.append(stack)
+    gateway = stack.proc("gateway")
+    with Load(stack.spec.frontend_port, clients=6) as load:
+        time.sleep(1.5)
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(10) == 0
+        time.sleep(0.5)
+    assert not load.errors, load.errors[:5]
+    verdicts = [r for r in load.results if r[0] == 200 and r[1] == "pass" and r[2] != "1"]
+    # Whatever the gateway took, it answered with a verdict; after it left,
+    # HAProxy denies (fail closed) and says why. Nothing else.
+    others = [r for r in load.results if r not in verdicts]
+    assert all(r[0] == 503 and r[2] == "1" and r[3] == "no answer from the WAF agent" for r in others), others[:5]
+    assert len(verdicts) > 100 and others, (len(verdicts), len(others))
+    events = _log_events(stack, "gateway")
+    closing = [e for e in events if e.get("msg") == "pool closing"]
+    assert closing and closing[0]["unanswered"] == 0 and closing[0]["answered"] >= len(verdicts)
+    assert not [e for e in events if e.get("msg") == "no verdict; failure policy applied"]
+    assert "gateway stopped" in {e.get("msg") for e in events}
