@@ -167,8 +167,8 @@ class Engine:
             verdict.action = waf_pb2.ACTION_PASS
         add = verdict.matches.add
         for msg in messages:
-            add(id=msg.rule_id, message=msg.message, severity=msg.severity, tags=msg.tags,
-                matched_data=msg.data, phase=msg.phase)
+            add(id=msg.rule_id, message=_text(msg, "message"), severity=msg.severity, tags=msg.tags,
+                matched_data=_text(msg, "data"), phase=msg.phase)
         if req.body_truncated:
             self._apply_truncation_policy(req, verdict)
         return verdict
@@ -209,6 +209,20 @@ def _run_request_phases(tx: libmodsecurity.Transaction, req: waf_pb2.EvaluateReq
         tx.append_request_body(req.body)
     tx.process_request_body()
     return tx.intervention()
+
+
+UNDECODABLE = "(not shown: holds bytes that are not UTF-8)"
+
+
+def _text(msg, field: str) -> str:
+    """A rule message's text. The binding decodes std::string strictly, so a
+    message or logdata quoting the request's own non-UTF-8 bytes raises: an
+    attacker could otherwise turn a match into an engine failure (a pass
+    under the open failure policy) just by adding a \\xff next to the attack."""
+    try:
+        return getattr(msg, field)
+    except UnicodeDecodeError:
+        return UNDECODABLE
 
 
 def _discard(_message: str) -> None:

@@ -89,6 +89,11 @@ class WafServicer(waf_pb2_grpc.WafServicer):
                     except EvaluationFailed as exc:
                         result.error.code = exc.code
                         result.error.message = exc.message
+                    except Exception as exc:  # a bug: fail this request, not the whole stream
+                        log.exception("evaluation failed unexpectedly")
+                        result.ClearField("verdict")
+                        result.error.code = "INTERNAL"
+                        result.error.message = f"unexpected {type(exc).__name__}"
                 yield out
                 if self.draining:
                     return  # what was read is answered; the gateway reopens elsewhere

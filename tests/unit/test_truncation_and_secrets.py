@@ -181,3 +181,18 @@ def test_invalid_utf8_in_string_arguments_is_kept_visible():
     request, _ = mapping.build_request({"method": raw, "id": b"id-\xfe", "uri": b"/\xff\x00"})
     assert request.method == "G\\xffT" and request.transaction_id == "id-\\xfe"
     assert request.uri == b"/\xff\x00"  # bytes fields stay byte-exact
+
+
+def test_rule_message_quoting_non_utf8_bytes_still_gives_a_verdict(tmp_path):
+    """The binding cannot decode such messages; the verdict must survive it."""
+    from wafsvc.engine import UNDECODABLE
+    rules = tmp_path / "quote.conf"
+    rules.write_text('SecRule REQUEST_HEADERS:x-probe "@contains evil" '
+                     '"id:10002,phase:1,deny,status:403,log,msg:\'saw %{MATCHED_VAR}\',logdata:\'%{MATCHED_VAR}\'"\n')
+    engine = Engine({"": RuleSetSpec(base_conf=str(REPO_RULES / "modsecurity.conf"), rules_file=str(rules))})
+    request = waf_pb2.EvaluateRequest(method="GET", uri=b"/", client_ip="10.0.0.1",
+                                      headers=[waf_pb2.Header(name=b"x-probe", value=b"\xff\xfeevil\xc3\x28")])
+    verdict = engine.evaluate(request)
+    assert verdict.intervention and verdict.status == 403
+    assert verdict.matches[0].id == 10002 and verdict.matches[0].message == UNDECODABLE
+    assert verdict.SerializeToString()
