@@ -33,6 +33,11 @@ FUZZ_SECONDS ?= 300
 fuzz: install
 	$(PY) -m fuzz.spop_fuzz --seconds $(FUZZ_SECONDS)
 
+# 100k mixed requests through the whole stack; RSS of every process before and after.
+SOAK_REQUESTS ?= 100000
+soak: install
+	$(PY) -m tools.soak --requests $(SOAK_REQUESTS)
+
 proto: install
 	$(PY) -m wafapi.codegen
 

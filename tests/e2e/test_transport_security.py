@@ -186,3 +186,28 @@ def test_gateway_with_a_wrong_token_fails_closed(tmp_path, pki, token_file):
         assert "stream to wafsvc" in (tmp_path / "gateway.log").read_text()
     finally:
         stack.stop()
+
+
+# -- worker memory limit ------------------------------------------------------
+
+def test_worker_over_its_memory_limit_is_recycled(tmp_path):
+    """WAF_WORKER_MAX_RSS_MB below what any worker needs: each worker drains,
+    exits and is replaced by the supervisor, again and again."""
+    import time
+    port = free_port()
+    log_path = tmp_path / "wafsvc.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WAF_LISTEN": f"127.0.0.1:{port}", "WAF_WORKERS": "1",
+           "RULES": str(ROOT / "rules" / "block-localhost.conf"), "WAF_WORKER_MAX_RSS_MB": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "wafsvc"], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and log_path.read_text().count("over its memory limit") < 2:
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    text = log_path.read_text()
+    assert text.count("over its memory limit") >= 2, text[-2000:]
+    assert '"limit_mb": 1' in text
