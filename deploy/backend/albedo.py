@@ -60,6 +60,20 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:  # quiet by default
         log.debug(fmt, *args)
 
+    def parse_request(self) -> bool:
+        # albedo is Go: net/http refuses protocol versions other than
+        # HTTP/1.x. Python would instead answer an HTTP/0.9 request without a
+        # status line, which a proxy sees as no answer at all (then 504 after
+        # its server timeout). Refuse such versions with 400 instead.
+        if not super().parse_request():
+            return False
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            version, self.request_version = self.request_version, "HTTP/1.1"
+            self.close_connection = True
+            self.send_error(400, f"unsupported protocol version {version}")
+            return False
+        return True
+
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
