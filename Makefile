@@ -2,6 +2,7 @@
 #   make up      the whole stack in the foreground (HAProxy :8080)
 #   make test    unit + end-to-end tests (real HAProxy, gRPC, libmodsecurity, CRS)
 #   make bench   modsec-spoa vs the raw engine, HAProxy alone and nginx + ModSecurity
+#   make conformance   the OWASP CRS regression suite (CRS_DIR, CRS_TESTS)
 PY := .venv/bin/python
 CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-crs)
 CRS_TESTS ?= $(CRS_DIR)/tests
@@ -40,6 +41,11 @@ soak: install
 
 proto: install
 	$(PY) -m wafapi.codegen
+
+# The OWASP CRS regression suite through the whole stack and in-process;
+# the last line is the full-stack count. Report: conformance/report.json.
+conformance: install
+	$(PY) -m conformance --crs-dir $(CRS_DIR) --tests $(CRS_TESTS)
 
 proto-check: install
 	$(PY) -m wafapi.codegen --check

@@ -1,0 +1,86 @@
+"""The two ways a test's requests are evaluated.
+
+- StackMode: raw bytes to HAProxy over a socket; the matched rule ids come
+  back in that request's own response (X-Waf-Rules, set by the shipped
+  haproxy.cfg when WAF_DEBUG_HEADERS is defined).
+- EngineMode: the same bytes split the way a server would, straight into
+  wafsvc.engine.Engine in this process, built from the same settings.
+"""
+
+from __future__ import annotations
+
+import time
+
+from conformance import rawhttp
+from conformance.judge import Observation
+
+RETRIES = 3  # a request the stack could not evaluate (X-Waf-Failed) is sent again
+
+
+class StackMode:
+    name = "stack"
+
+    def __init__(self, host: str, port: int, timeout: float = 40.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.retried = 0
+
+    def observe(self, raw: bytes) -> Observation:
+        for attempt in range(RETRIES + 1):
+            try:
+                resp = rawhttp.send(self.host, self.port, raw, self.timeout)
+            except rawhttp.NoResponse as exc:
+                return Observation(error=str(exc))
+            if resp.header("X-Waf-Failed") == "1" and attempt < RETRIES:
+                # No verdict (deadline under load): not an answer about the
+                # rules, so ask again rather than judge it.
+                self.retried += 1
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            break
+        rules = resp.header("X-Waf-Rules")
+        seen = Observation(status=resp.status,
+                           matched_ids=[int(x) for x in (rules or "").split() if x.isdigit()])
+        if rules is None:
+            seen.note = f"HAProxy answered {resp.status} without a WAF verdict (request never reached SPOE)"
+        elif resp.header("X-Waf-Failed") == "1":
+            seen.note = "the stack gave no verdict (X-Waf-Failed) after retries"
+        return seen
+
+
+class EngineMode:
+    name = "engine"
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        from wafsvc.__main__ import rule_specs
+        from wafsvc.config import WafConfig
+        from wafsvc.engine import Engine
+
+        config = WafConfig.from_args([], environ=environ)
+        self.engine = Engine(rule_specs(config))
+        self._seq = 0
+
+    def observe(self, raw: bytes) -> Observation:
+        from wafapi import waf_pb2
+        from wafsvc.engine import EvaluationFailed
+
+        req = rawhttp.parse_request(raw)
+        self._seq += 1
+        message = waf_pb2.EvaluateRequest(
+            transaction_id=f"conformance-{self._seq}",
+            client_ip="127.0.0.1", client_port=40000, server_ip="127.0.0.1", server_port=80,
+            method=req.method, uri=req.uri.encode("latin-1"), http_version=req.version,
+            headers=[waf_pb2.Header(name=n, value=v) for n, v in req.headers], body=req.body)
+        try:
+            verdict = self.engine.evaluate(message)
+        except EvaluationFailed as exc:
+            return Observation(error=f"engine: {exc.message}")
+        # Rendered as ModSecurity v3 writes its error log, which is what
+        # go-ftw's match_regex reads: data goes through toHexIfNeeded.
+        lines = [f'[id "{m.id}"] [msg "{m.message}"] [data "{_hex_if_needed(m.matched_data)}"] '
+                 f'[severity "{m.severity}"]' for m in verdict.matches]
+        return Observation(matched_ids=[m.id for m in verdict.matches], log_text="\n".join(lines))
+
+
+def _hex_if_needed(text: str) -> str:
+    raw = text.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in raw)
