@@ -43,7 +43,8 @@ class StackMode:
         if rules is None:
             seen.note = f"HAProxy answered {resp.status} without a WAF verdict (request never reached SPOE)"
         elif resp.header("X-Waf-Failed") == "1":
-            seen.note = "the stack gave no verdict (X-Waf-Failed) after retries"
+            seen.note = (f"the stack gave no verdict after {RETRIES} retries: "
+                         f"{resp.header('X-Waf-Error') or 'X-Waf-Failed'}")
         return seen
 
 
