@@ -19,10 +19,18 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._second = -1
+        self._stamp = ""
+        # One encoder, built once: json.dumps(**kwargs) builds one per call.
+        self._encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:   # strftime once per second, not per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         event = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
             "pid": record.process,
@@ -30,13 +38,13 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key[0] != "_":
                 # The base fields stay trustworthy: an extra called "pid"
                 # (say, of a dead worker) lands beside them, not over them.
                 event["extra_" + key if key in event else key] = value
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str, ensure_ascii=False)
+        return self._encode(event)
 
 
 def setup(level: str, service: str) -> None:

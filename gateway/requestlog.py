@@ -21,10 +21,13 @@ MATCHED_DATA_CHARS = 200
 class RequestLog(GatewayHooks):
     def __init__(self, request_data: bool = False) -> None:
         self.request_data = request_data
-        self.debug = log.isEnabledFor(logging.DEBUG)  # set once: LOG_LEVEL does not change at run time
+        # Read once: LOG_LEVEL does not change at run time, and a request
+        # that will not be logged must not pay for building its event.
+        self.info = log.isEnabledFor(logging.INFO)
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
-        if not verdict.intervention and not self.debug:
+        if not (self.debug or (self.info and verdict.intervention)):
             return
         event = {"unique_id": context.unique_id, "frontend": context.frontend, "app": context.app,
                  "status": verdict.status, "action": mapping.ACTION_NAMES.get(verdict.action, "pass"),

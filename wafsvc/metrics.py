@@ -88,6 +88,7 @@ class ObservedEngine:
     def __init__(self, engine, metrics: WafMetrics | None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._info = log.isEnabledFor(logging.INFO)
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._children: dict = {}
         if metrics is not None:
@@ -111,7 +112,8 @@ class ObservedEngine:
         if self._metrics is not None:
             self._count(req, verdict, kind)
         if kind == BLOCK:
-            log.info("request blocked", extra=self._event(req, verdict))
+            if self._info:
+                log.info("request blocked", extra=self._event(req, verdict))
         elif self._debug:
             log.debug("request evaluated", extra={**self._event(req, verdict), "verdict": kind})
         return verdict

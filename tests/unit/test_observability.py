@@ -196,9 +196,9 @@ def _request(ip: str, **kw) -> waf_pb2.EvaluateRequest:
 
 
 def test_observed_engine_counts_and_logs(engine, caplog):
+    caplog.set_level(logging.INFO, logger="wafsvc.requests")
     registry = CollectorRegistry()
     observed = waf_metrics.ObservedEngine(engine, waf_metrics.WafMetrics(registry))
-    caplog.set_level(logging.INFO, logger="wafsvc.requests")
     assert observed.evaluate(_request("127.0.0.1")).intervention
     truncated = observed.evaluate(_request("10.0.0.1", body_truncated=True))
     assert truncated.intervention and truncated.matches[-1].id == 99010  # WAF_TRUNCATED_BODY=block
@@ -304,3 +304,9 @@ def test_dashboard_json_is_built_from_its_script():
     built = runpy.run_path(str(ROOT / "scripts/grafana_dashboard.py"))["dash"]
     assert json.loads(DASHBOARD.read_text()) == built, \
         "run: python scripts/grafana_dashboard.py > deploy/grafana/dashboards/modsec-spoa.json"
+
+
+def test_blocks_are_not_logged_below_info(caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.requests")
+    gateway_metrics.GatewayMetrics(CollectorRegistry()).verdict(_context(), _blocked(), 0.003)
+    assert not [r for r in caplog.records if r.name == "gateway.requests"]
