@@ -33,7 +33,11 @@ def hooks(config: GatewayConfig, pool: WafPool):
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # CPU and memory of the gateway process
     hooks = metrics.GatewayMetrics(registry, pool, request_data=config.log_request_data)
-    metrics.serve(config.metrics, registry)
+    try:
+        metrics.serve(config.metrics, registry)
+    except OSError as exc:  # port taken, address not local: say so, no traceback
+        log.error("cannot listen for metrics", extra={"metrics": config.metrics, "error": str(exc)})
+        raise SystemExit(1) from None
     return hooks
 
 

@@ -197,7 +197,11 @@ class Exporter:
 
         registry = CollectorRegistry()
         registry.register(_collector(self.path))
-        self.server = bind_http(address, registry)   # fails here, at start, if the port is taken
+        try:
+            self.server = bind_http(address, registry)   # fails here, at start, if the port is taken
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         self.address = address
         self.metrics = ACTIVE = WafMetrics()
         self.pid = 0
