@@ -358,8 +358,11 @@ class WafPool:
                 metadata = dict(await call.initial_metadata() or ())
                 name = metadata.get(WORKER_METADATA)
                 if call.done() or name is None:
-                    await call  # raises the call's error
-                    raise ConnectionError("stream ended before it started")
+                    # A stream call cannot be awaited; its status says why it
+                    # ended (UNAUTHENTICATED token, UNAVAILABLE TLS handshake...).
+                    code = await call.code()
+                    raise ConnectionError(f"stream ended before it started: {code.name}: "
+                                          f"{await call.details()}")
                 if lane.retired:
                     return
                 lane.call = call

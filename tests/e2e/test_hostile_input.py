@@ -30,14 +30,19 @@ OUTCOMES: Counter = Counter()
 
 
 @pytest.fixture(scope="module")
-def stack(haproxy_bin, stack_logs):
+def stack(haproxy_bin, stack_logs, request):
     OUTCOMES.clear()
     s = start_stack(stack_logs, haproxy_bin, wafsvc_ports=[free_port()],
                     wafsvc_env={"CRS_DIR": "/usr/share/modsecurity-crs", "PARANOIA": "1", "MODE": "block"})
     yield s
     s.stop()
-    print(f"\nhostile input outcomes ({haproxy_bin}): "
-          + ", ".join(f"{k}={v}" for k, v in sorted(OUTCOMES.items())))
+    summary = (f"hostile input through {haproxy_bin}: {sum(OUTCOMES.values())} requests, "
+               + ", ".join(f"{k}={v}" for k, v in sorted(OUTCOMES.items())))
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:  # shown in `make test` output, not only with -s
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + summary)
 
 
 class Outcome:

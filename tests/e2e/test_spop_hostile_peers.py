@@ -70,11 +70,21 @@ def _notify(stream_id: int, attack: bool = False, body: bytes = b"") -> bytes:
 
 # -- the bounded fuzz run of `make test` (`make fuzz` runs it longer) -------
 
-def test_fuzzed_frames_get_the_right_disconnect_and_others_keep_their_verdicts(gateway):
+def _show(request, text: str) -> None:
+    """Shown in `make test` output even when pytest captures: the counts are the point."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + text)
+
+
+def test_fuzzed_frames_get_the_right_disconnect_and_others_keep_their_verdicts(gateway, request):
     started = time.monotonic()
+    seed = int(time.time())
     stats = asyncio.run(spop_fuzz.run("127.0.0.1", gateway.spec.gateway_port, FUZZ_SECONDS,
-                                      seed=int(time.time()), concurrency=4))
-    print("\n" + spop_fuzz.report(stats, time.monotonic() - started))
+                                      seed=seed, concurrency=4))
+    _show(request, f"[seed {seed}] " + spop_fuzz.report(stats, time.monotonic() - started).split("\n")[0])
     assert not stats.failures, spop_fuzz.report(stats, 0)
     assert not stats.verdict_errors, stats.verdict_errors[:5]
     assert stats.cases > 100 and stats.verdicts > 10
@@ -168,7 +178,7 @@ def encode_frame_bytes(frame) -> bytes:
 
 # -- backpressure -----------------------------------------------------------
 
-def test_gateway_stops_reading_when_wafsvc_stalls(tmp_path):
+def test_gateway_stops_reading_when_wafsvc_stalls(tmp_path, request):
     """wafsvc frozen (SIGSTOP): the gateway must stop reading NOTIFYs after
     GATEWAY_MAX_INFLIGHT instead of queueing them, so the peer's writes block.
     When wafsvc thaws, every NOTIFY still gets its ACK."""
@@ -209,7 +219,7 @@ def test_gateway_stops_reading_when_wafsvc_stalls(tmp_path):
                     assert type(decode_frame(bytes(buffer[4:4 + n]))).__name__ == "Ack"
                     del buffer[:4 + n]
                     acks += 1
-        print(f"\nbackpressure: {accepted_while_stalled / 1e6:.1f} of {total / 1e6:.1f} MB accepted while "
+        _show(request, f"backpressure: {accepted_while_stalled / 1e6:.1f} of {total / 1e6:.1f} MB accepted while "
               f"wafsvc was stalled; gateway RSS then {rss // 1024} MiB; {acks}/{count} ACKs after it resumed")
         assert accepted_while_stalled < total / 2
         assert acks == count
