@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 # docker-compose: only to check docker-compose.yml in the tests (no engine).
-PKGS=(haproxy modsecurity-crs docker-compose)
+# prometheus: the tests check deploy/prometheus and run the dashboard's queries.
+PKGS=(haproxy modsecurity-crs docker-compose prometheus)
 [ "${1:-}" = bench ] && PKGS+=(wrk nginx libnginx-mod-http-modsecurity)
 missing=()
 for pkg in "${PKGS[@]}"; do
@@ -24,7 +25,7 @@ fi
 # Debian starts the packaged services on install; stop them so they do not
 # hold ports (HAProxy's default config) or CPU during tests and benchmarks.
 # Only the packaged service instances are stopped, never our own processes.
-for svc in haproxy nginx; do
+for svc in haproxy nginx prometheus; do
     if [ -n "${missing[*]:-}" ] && [ -x "/etc/init.d/$svc" ]; then
         $SUDO "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi

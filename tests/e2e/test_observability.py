@@ -12,10 +12,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pathlib
 import re
+import shutil
 import signal
 import socket
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -26,6 +29,7 @@ from stack import free_port
 from stack.processes import HAPROXY_DIR
 from tests.e2e.conftest import start_stack
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPOE_CONF = HAPROXY_DIR / "spoe-modsecurity.conf"
 SQLI = "/?id=1%27%20or%20%271%27%3D%271"
 HOST = "shop.example:8080"
@@ -339,6 +343,64 @@ def test_a_dead_worker_keeps_its_counts_and_is_replaced(obs):
     wait_for(lambda: len(worker_pids(obs) - {victim}) == 2, timeout=15, what="replacement worker serving")
     status, _ = request(obs, SQLI)
     assert status == 403
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed (scripts/install.sh)")
+def test_real_prometheus_scrapes_and_answers_every_dashboard_query(obs, tmp_path):
+    """The shipped config passes promtool; a real Prometheus scrapes both
+    services and evaluates every query of the Grafana dashboard."""
+    import subprocess
+    check = subprocess.run(["promtool", "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - {{job_name: gateway, static_configs: [{{targets: ['127.0.0.1:{obs.metrics_ports['gateway']}']}}]}}\n"
+        f"  - {{job_name: wafsvc, static_configs: [{{targets: ['127.0.0.1:{obs.metrics_ports['wafsvc']}']}}]}}\n")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+
+    def get(path: str, **params):
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{api}/{path}?{query}", timeout=5) as resp:
+            return json.load(resp)
+
+    def query(expr: str):
+        reply = get("query", query=expr)
+        assert reply["status"] == "success", (expr, reply)
+        return reply["data"]["result"]
+
+    try:
+        def targets_up():
+            try:
+                active = get("targets")["data"]["activeTargets"]
+            except OSError:
+                return False
+            return len(active) == 2 and all(t["health"] == "up" for t in active)
+        wait_for(targets_up, timeout=30, what="Prometheus scraping both services")
+        for _ in range(5):   # traffic spread over several scrapes, for rate()
+            request(obs)
+            request(obs, SQLI)
+            time.sleep(1)
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/modsec-spoa.json").read_text())
+        exprs = [t["expr"].replace("$__rate_interval", "30s")
+                 for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        for expr in exprs:
+            query(expr)   # valid PromQL, evaluated against real series
+        blocking = query('topk(10, sum by (rule_id) (rate(modsec_gateway_rule_matches_total{outcome="blocked"}[30s])))')
+        assert "942100" in {r["metric"]["rule_id"] for r in blocking}
+        p99 = query("histogram_quantile(0.99, sum by (le) (rate(modsec_gateway_request_duration_seconds_bucket[30s])))")
+        assert 0 < float(p99[0]["value"][1]) < 5
+        assert query("sum(modsec_waf_workers)")[0]["value"][1] == "2"
+        assert float(query("time() - min(modsec_waf_rules_loaded_timestamp_seconds)")[0]["value"][1]) >= 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_sigterm_loses_no_audit_entry(obs):
