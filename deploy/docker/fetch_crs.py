@@ -55,16 +55,31 @@ def verify_checksum(path: pathlib.Path, expected: str) -> None:
         raise FetchError(f"checksum mismatch for {path.name}: expected {expected}, got {actual}")
 
 
+def check_members(tar: tarfile.TarFile) -> str:
+    """Returns the single top directory; refuses anything but plain files and
+    directories below it. Checked by hand because tarfile's "data" filter
+    only exists from Python 3.11.4 on (Debian 12 has 3.11.2)."""
+    tops = set()
+    for member in tar.getmembers():
+        parts = pathlib.PurePosixPath(member.name).parts
+        if member.name.startswith("/") or ".." in parts:
+            raise FetchError(f"refusing tarball member outside its directory: {member.name!r}")
+        if not (member.isfile() or member.isdir()):
+            raise FetchError(f"refusing tarball member that is not a file or directory: {member.name!r}")
+        tops.add(parts[0])
+    if len(tops) != 1:
+        raise FetchError(f"expected one top directory in the tarball, found {sorted(tops)}")
+    return tops.pop()
+
+
 def unpack(archive: pathlib.Path, dest: pathlib.Path) -> None:
     """Extracts the single top directory's contents into dest."""
     with tarfile.open(archive) as tar:
-        tops = {name.split("/", 1)[0] for name in tar.getnames()}
-        if len(tops) != 1:
-            raise FetchError(f"expected one top directory in the tarball, found {sorted(tops)}")
+        top_name = check_members(tar)
         with tempfile.TemporaryDirectory() as scratch:
-            # The "data" filter rejects absolute paths, .. and device files.
-            tar.extractall(scratch, filter="data")
-            top = pathlib.Path(scratch) / tops.pop()
+            # Where tarfile has the "data" filter, it checks once more.
+            tar.extractall(scratch, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            top = pathlib.Path(scratch) / top_name
             dest.mkdir(parents=True, exist_ok=True)
             for item in top.iterdir():
                 shutil.move(str(item), dest / item.name)

@@ -340,17 +340,25 @@ def test_fetch_crs_rejects_another_version_and_a_bare_tree(tmp_path):
         fetch_crs.fetch("4.28.0", sha, tmp_path / "b", url=archive.as_uri())
 
 
-def test_fetch_crs_never_writes_outside_its_destination(tmp_path):
+@pytest.mark.parametrize("kind,name", [
+    (tarfile.REGTYPE, "coreruleset-4.28.0/../../escaped"),
+    (tarfile.REGTYPE, "/tmp/escaped"),
+    (tarfile.SYMTYPE, "coreruleset-4.28.0/escaped"),
+    (tarfile.CHRTYPE, "coreruleset-4.28.0/escaped"),
+])
+def test_fetch_crs_never_writes_outside_its_destination(tmp_path, kind, name):
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         payload = b"owned\n"
-        member = tarfile.TarInfo("coreruleset-4.28.0/../../escaped")
-        member.size = len(payload)
-        tar.addfile(member, io.BytesIO(payload))
+        member = tarfile.TarInfo(name)
+        member.type = kind
+        member.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+        member.size = len(payload) if kind == tarfile.REGTYPE else 0
+        tar.addfile(member, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    with pytest.raises(tarfile.TarError):
+    with pytest.raises(fetch_crs.FetchError, match="refusing tarball member"):
         fetch_crs.fetch("4.28.0", sha, tmp_path / "dest" / "crs", url=archive.as_uri())
-    assert not list(tmp_path.rglob("escaped"))
+    assert not (tmp_path / "dest").exists()
 
 
 def real_crs_dir(version: str) -> pathlib.Path | None:
