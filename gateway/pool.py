@@ -64,6 +64,11 @@ SETTLE_S = 0.2
 CONNECT_TIMEOUT_S = 2.0
 COVERAGE_COOLDOWN_S = 0.5        # between two coverage repairs
 COVERAGE_FAST_ATTEMPTS = 20      # then repair only as often as rotation
+# Declaring a worker hung re-sends all it holds, which doubles that work. A
+# saturated worker answering a big batch late looks hung too, so the pool
+# may do it STALL_BURST times, then once per STALL_REFILL_S: a real hang
+# costs one, an overload cannot snowball into re-sending everything.
+STALL_BURST, STALL_REFILL_S = 3.0, 2.0
 
 # Errors worth another try elsewhere; the others describe the request itself.
 RETRYABLE = {"UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED", "UNKNOWN"}
@@ -186,6 +191,8 @@ class WafPool:
         self._parked: deque[Pending] = deque()  # waiting for any live lane
         self._by_deadline: deque[Pending] = deque()
         self._by_hedge: deque[Pending] = deque()
+        self._stall_tokens = STALL_BURST
+        self._stall_checked = time.monotonic()
         self._next_ref = 0
         self._turn = 0
         self._tasks: list[asyncio.Task] = []
@@ -541,6 +548,12 @@ class WafPool:
             return  # it answers, just not this one yet: re-sending would double the work
         if not any(w is not worker and not w.stalled for w in self._ready):
             return  # nowhere better to go
+        now = time.monotonic()
+        self._stall_tokens = min(STALL_BURST, self._stall_tokens + (now - self._stall_checked) / STALL_REFILL_S)
+        self._stall_checked = now
+        if self._stall_tokens < 1:
+            return  # too many lately: more likely overload than hangs
+        self._stall_tokens -= 1
         worker.stalled = True
         log.warning("wafsvc worker is not answering; sending its requests elsewhere",
                     extra={"worker": worker.name, "after_ms": round(self.hedge_s * 1000)})

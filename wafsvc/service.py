@@ -16,6 +16,7 @@ import hmac
 import logging
 import os
 import socket
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +33,7 @@ SERVICE_NAME = waf_pb2.DESCRIPTOR.services_by_name["Waf"].full_name
 WORKER_METADATA = "x-waf-worker"      # unique per worker process
 REPLICA_METADATA = "x-waf-replica"    # unique per replica (supervisor)
 WORKERS_METADATA = "x-waf-workers"    # worker processes in that replica
+PARTIAL_FLUSH_S = 0.05  # well under the gateway's GATEWAY_HEDGE_MS
 
 
 class WafServicer(waf_pb2_grpc.WafServicer):
@@ -81,7 +83,14 @@ class WafServicer(waf_pb2_grpc.WafServicer):
                 except StopAsyncIteration:
                     return
                 out = waf_pb2.VerdictBatch()
+                flush_at = time.monotonic() + PARTIAL_FLUSH_S
                 for item in batch.requests:
+                    if out.verdicts and time.monotonic() >= flush_at:
+                        # A long batch (big bodies, CRS): send what is done, so
+                        # the gateway sees this worker is alive, not hung.
+                        yield out
+                        out = waf_pb2.VerdictBatch()
+                        flush_at = time.monotonic() + PARTIAL_FLUSH_S
                     result = out.verdicts.add(ref=item.ref)
                     try:
                         evaluate(item.request, result.verdict)

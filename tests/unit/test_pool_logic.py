@@ -150,3 +150,20 @@ def test_coverage_repair_adds_a_slot_when_none_can_be_spared():
     _lane(pool, only, "r1/b", workers=3)
     _lane(pool, only, "r1/c", workers=3)
     assert not pool._repair_coverage(now + 1) and pool.coverage() == {"r1": (3, 3)}
+
+
+def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
+    pool = _pool()
+    slot = _slot(pool, 1)
+    lanes = [_lane(pool, slot, f"r1/{name}", workers=5) for name in "abcde"]
+    results = []
+    for _ in range(5):
+        _submit(pool, results)
+    for lane in lanes:
+        _send(lane)
+        lane.worker.last_answer = time.monotonic() - 10
+    for lane in lanes:
+        if lane.sent:
+            pool._hedge(next(iter(lane.sent.values())))
+    stalled = [lane.worker for lane in lanes if lane.worker.stalled]
+    assert len(stalled) == 3  # STALL_BURST, then one per STALL_REFILL_S
