@@ -522,10 +522,12 @@ class WafPool:
         """Answers requests whose deadline passed, and re-sends those a
         worker sits on for too long. One deadline for all, so submit order is
         deadline order and only the heads need looking at."""
-        queue, hedges = self._by_deadline, self._by_hedge
+        queue, hedges, parked = self._by_deadline, self._by_hedge, self._parked
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
+            while parked and parked[0].done:
+                parked.popleft()  # answered by the deadline while no worker was up
             while hedges and (hedges[0].done or hedges[0].hedge_at <= now):
                 pending = hedges.popleft()
                 if not pending.done and pending.lane is not None:
