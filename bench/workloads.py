@@ -122,5 +122,5 @@ def spoe_args(req: Request, index: int) -> dict:
         "dst": IPv4Address("127.0.0.1"), "dst_port": 8080,
         "method": req.method, "uri": req.path.encode(), "ver": "1.1",
         "headers": encode_hdrs_bin([(k.lower().encode(), v.encode()) for k, v in req.all_headers()]),
-        "body": req.body or None, "ignore": None, "frontend": "web",
+        "body": req.body or None, "ignore": None, "frontend": "web", "body_size": len(req.body),
     }
