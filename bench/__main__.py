@@ -78,7 +78,7 @@ def memory(setup: setups.Setup) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="1-second runs, one round, 2,000-request soak")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each throughput/latency run")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each throughput/latency run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--soak", type=int, default=200_000, help="requests for the memory growth run")
     parser.add_argument("--connections", type=int, default=32)
