@@ -57,6 +57,12 @@ WORKER_METADATA = "x-waf-worker"
 REPLICA_METADATA = "x-waf-replica"
 WORKERS_METADATA = "x-waf-workers"
 MAX_ATTEMPTS = 4
+# Stream messages a worker may hold unanswered. It evaluates one at a time,
+# so two keep it busy (one running, one waiting); what arrives meanwhile
+# queues here and leaves as one message when an answer comes back. Without
+# a window every request went out alone when wafsvc was the bottleneck
+# (CRS): one message each way per request, most of the gateway's CPU.
+WORKER_WINDOW = 2
 SWEEP_INTERVAL_S = 0.005
 MAINTAIN_INTERVAL_S = 0.25
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 1.0
@@ -109,7 +115,7 @@ class Pending:
 
 class Worker:
     """One wafsvc worker process, as named by its streams' metadata."""
-    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled", "last_answer")
+    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled", "last_answer", "outstanding")
 
     def __init__(self, name: str, replica: str) -> None:
         self.name = name
@@ -119,10 +125,11 @@ class Worker:
         self.turn = 0
         self.stalled = False          # hung: no new work until it answers
         self.last_answer = time.monotonic()
+        self.outstanding = 0          # stream messages sent to it and not answered yet
 
 
 class Lane:
-    __slots__ = ("index", "slot", "call", "worker", "queue", "wakeup", "sent", "retired")
+    __slots__ = ("index", "slot", "call", "worker", "queue", "wakeup", "sent", "retired", "outstanding")
 
     def __init__(self, index: int, slot: "Slot") -> None:
         self.index = index
@@ -133,6 +140,7 @@ class Lane:
         self.wakeup = asyncio.Event()
         self.sent: dict[int, Pending] = {}
         self.retired = False
+        self.outstanding = 0  # this lane's share of worker.outstanding
 
 
 class Slot:
@@ -412,6 +420,9 @@ class WafPool:
                 await lane.wakeup.wait()
                 lane.wakeup.clear()
                 while lane.queue:
+                    worker = lane.worker
+                    if worker is not None and worker.outstanding >= WORKER_WINDOW:
+                        break  # the worker's next answer wakes this lane (_on_verdicts)
                     items = lane.queue[:max_batch]
                     del lane.queue[:max_batch]
                     live = [p for p in items if not p.done and p.lane is lane]
@@ -421,6 +432,9 @@ class WafPool:
                         lane.sent[p.ref] = p
                     self.stats.messages += 1
                     self.stats.batched += len(live)
+                    if worker is not None:
+                        worker.outstanding += 1
+                        lane.outstanding += 1
                     await call.write(b"".join(p.entry for p in live))
         except asyncio.CancelledError:
             raise
@@ -432,8 +446,15 @@ class WafPool:
     def _on_verdicts(self, lane: Lane, batch: waf_pb2.VerdictBatch) -> None:
         sent = lane.sent
         worker = lane.worker
+        if lane.outstanding:  # one answer per message sent (wafsvc/service.py)
+            lane.outstanding -= 1
+            if worker is not None:
+                worker.outstanding -= 1
         if worker is not None:
             worker.last_answer = time.monotonic()
+            for other in worker.lanes:  # what queued while the window was full goes now
+                if other.queue:
+                    other.wakeup.set()
             if worker.stalled:
                 worker.stalled = False
                 log.info("wafsvc worker answers again", extra={"worker": worker.name})
@@ -500,6 +521,9 @@ class WafPool:
     def _detach(self, lane: Lane) -> None:
         """Takes the lane out of service and re-sends what it owed."""
         worker = self._stop_taking_work(lane)
+        if worker is not None:
+            worker.outstanding -= lane.outstanding
+        lane.outstanding = 0
         lane.worker, lane.call = None, None
         orphans = list(lane.sent.values()) + lane.queue
         lane.sent.clear()
