@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from conformance import rawhttp
+from conformance.auditlog import AuditLog, render_messages
 from conformance.judge import Observation
 
 RETRIES = 3  # a request the stack could not evaluate (X-Waf-Failed) is sent again
@@ -20,11 +21,12 @@ RETRIES = 3  # a request the stack could not evaluate (X-Waf-Failed) is sent aga
 class StackMode:
     name = "stack"
 
-    def __init__(self, host: str, port: int, timeout: float = 40.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.audit_log = audit_log
         self.retried = 0
 
-    def observe(self, raw: bytes) -> Observation:
+    def observe(self, raw: bytes, needs_log: bool = False) -> Observation:
         for attempt in range(RETRIES + 1):
             try:
                 resp = rawhttp.send(self.host, self.port, raw, self.timeout)
@@ -45,6 +47,13 @@ class StackMode:
         elif resp.header("X-Waf-Failed") == "1":
             seen.note = (f"the stack gave no verdict after {RETRIES} retries: "
                          f"{resp.header('X-Waf-Error') or 'X-Waf-Failed'}")
+        if needs_log and self.audit_log is not None and rules is not None:
+            unique_id = resp.header("X-Unique-ID")
+            if unique_id:
+                # No entry: no logging rule matched (RelevantOnly), so no log text.
+                seen.log_text = self.audit_log.text_for(unique_id) or ""
+            else:
+                seen.note = (seen.note + "; " if seen.note else "") + "no X-Unique-ID: log text unknown"
         return seen
 
 
@@ -60,7 +69,7 @@ class EngineMode:
         self.engine = Engine(rule_specs(config))
         self._seq = 0
 
-    def observe(self, raw: bytes) -> Observation:
+    def observe(self, raw: bytes, needs_log: bool = False) -> Observation:
         from wafapi import waf_pb2
         from wafsvc.engine import EvaluationFailed
 
@@ -75,13 +84,6 @@ class EngineMode:
             verdict = self.engine.evaluate(message)
         except EvaluationFailed as exc:
             return Observation(error=f"engine: {exc.message}")
-        # Rendered as ModSecurity v3 writes its error log, which is what
-        # go-ftw's match_regex reads: data goes through toHexIfNeeded.
-        lines = [f'[id "{m.id}"] [msg "{m.message}"] [data "{_hex_if_needed(m.matched_data)}"] '
-                 f'[severity "{m.severity}"]' for m in verdict.matches]
-        return Observation(matched_ids=[m.id for m in verdict.matches], log_text="\n".join(lines))
+        text = render_messages((m.id, m.message, m.matched_data, m.severity) for m in verdict.matches)
+        return Observation(matched_ids=[m.id for m in verdict.matches], log_text=text)
 
-
-def _hex_if_needed(text: str) -> str:
-    raw = text.encode("utf-8", "surrogateescape")
-    return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in raw)

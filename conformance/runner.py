@@ -72,7 +72,9 @@ def run_test(mode, test: Test, response_ids: set[int], overrides: dict) -> TestR
         return TestResult(FAIL, [test.load_error])
     if needs_response_phase(test, response_ids):
         return TestResult(SKIP, [RESPONSE_REASON])
-    observations = [mode.observe(rawhttp.build_request(stage.input)) for stage in test.stages]
+    observations = [mode.observe(rawhttp.build_request(stage.input),
+                                 needs_log=bool(stage.output.match_regex or stage.output.no_match_regex))
+                    for stage in test.stages]
     verdict = combine([judge(s.output, o) for s, o in zip(test.stages, observations)])
     records = [_stage_record(o) for o in observations]
     override = overrides.get(test.key) if mode.name == "stack" else None

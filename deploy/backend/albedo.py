@@ -81,6 +81,10 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               content_type: str | None = None) -> None:
         self.send_response(status)
+        # HAProxy's unique-id (also the WAF's transaction id): echoed so that a
+        # client can find its own request in the WAF's audit log.
+        if self.headers.get("X-Unique-ID"):
+            self.send_header("X-Unique-ID", self.headers["X-Unique-ID"])
         for name, value in (headers or {}).items():
             self.send_header(name, str(value))
         if content_type:
