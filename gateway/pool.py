@@ -129,7 +129,7 @@ class Worker:
 
 
 class Lane:
-    __slots__ = ("index", "slot", "call", "worker", "queue", "wakeup", "sent", "retired", "outstanding")
+    __slots__ = ("index", "slot", "call", "worker", "queue", "wakeup", "sent", "retired", "unanswered")
 
     def __init__(self, index: int, slot: "Slot") -> None:
         self.index = index
@@ -140,7 +140,10 @@ class Lane:
         self.wakeup = asyncio.Event()
         self.sent: dict[int, Pending] = {}
         self.retired = False
-        self.outstanding = 0  # this lane's share of worker.outstanding
+        # Requests still unanswered in each message sent, oldest first: the
+        # worker answers a stream's messages in order, possibly in several
+        # parts (wafsvc flushes long batches), so counting answers suffices.
+        self.unanswered: deque[int] = deque()
 
 
 class Slot:
@@ -434,7 +437,7 @@ class WafPool:
                     self.stats.batched += len(live)
                     if worker is not None:
                         worker.outstanding += 1
-                        lane.outstanding += 1
+                        lane.unanswered.append(len(live))
                     await call.write(b"".join(p.entry for p in live))
         except asyncio.CancelledError:
             raise
@@ -446,10 +449,16 @@ class WafPool:
     def _on_verdicts(self, lane: Lane, batch: waf_pb2.VerdictBatch) -> None:
         sent = lane.sent
         worker = lane.worker
-        if lane.outstanding:  # one answer per message sent (wafsvc/service.py)
-            lane.outstanding -= 1
-            if worker is not None:
-                worker.outstanding -= 1
+        answers, unanswered = len(batch.verdicts), lane.unanswered
+        while answers and unanswered:
+            take = min(answers, unanswered[0])
+            answers -= take
+            if take == unanswered[0]:
+                unanswered.popleft()
+                if worker is not None:
+                    worker.outstanding -= 1
+            else:
+                unanswered[0] -= take
         if worker is not None:
             worker.last_answer = time.monotonic()
             for other in worker.lanes:  # what queued while the window was full goes now
@@ -522,8 +531,8 @@ class WafPool:
         """Takes the lane out of service and re-sends what it owed."""
         worker = self._stop_taking_work(lane)
         if worker is not None:
-            worker.outstanding -= lane.outstanding
-        lane.outstanding = 0
+            worker.outstanding -= len(lane.unanswered)
+        lane.unanswered.clear()
         lane.worker, lane.call = None, None
         orphans = list(lane.sent.values()) + lane.queue
         lane.sent.clear()
