@@ -54,11 +54,15 @@ def run(port: int, mix: str, seconds: float, work_dir: pathlib.Path, *, connecti
         raise RuntimeError(f"wrk failed ({proc.returncode}): {output.decode(errors='replace')[-2000:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    requests = max(1, result["requests"])
+    # A 5xx is no verdict (the gateway's deadline ran out, fail closed):
+    # it counts as a failure, not as throughput, and costs are per verdict.
+    failed = sum(n for code, n in result["statuses"].items() if code.startswith("5"))
+    verdicts = result["requests"] - failed
+    requests = max(1, verdicts)
     wall = result["duration_us"] / 1e6
     result.update({
-        "mix": mix, "connections": connections, "offered_rate": rate,
-        "rps": result["requests"] / wall if wall else 0.0,
+        "mix": mix, "connections": connections, "offered_rate": rate, "failed": failed,
+        "rps": verdicts / wall if wall else 0.0,
         "cpu_s": {name: after[name] - before[name] for name in groups},
         "cpu_us_per_request": {name: (after[name] - before[name]) * 1e6 / requests for name in groups},
     })

@@ -75,19 +75,19 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**"}.get(s["targets_met"].get(key), "")
         lines.append(f"| {key} | {value:,.3f} | {target} | {met} |")
     lines += ["", "## Throughput (requests/s) and CPU per request (µs, per process group)", "",
-              "| setup | rules | mix | req/s | runs | CPU µs/req |", "|---|---|---|---:|---|---|"]
+              "| setup | rules | mix | req/s | runs | 5xx | CPU µs/req |", "|---|---|---|---:|---|---:|---|"]
     for key, run in t.items():
         name, rules, mix = key.split("/")
         cpu = ", ".join(f"{k} {v:,.0f}" for k, v in run["cpu_us_per_request"].items())
         runs = " ".join(f"{x:,.0f}" for x in run.get("rps_all", []))
-        lines.append(f"| {name} | {rules} | {mix} | {run['rps']:,.0f} | {runs} | {cpu} |")
+        lines.append(f"| {name} | {rules} | {mix} | {run['rps']:,.0f} | {runs} | {run.get('failed', 0)} | {cpu} |")
     lines += ["", "## Latency at a fixed rate (half of modsec-spoa's peak), benign mix", "",
-              "| setup | rules | offered/s | achieved/s | p50 ms | p99 ms | CPU µs/req |", "|---|---|---:|---:|---:|---:|---|"]
+              "| setup | rules | offered/s | achieved/s | p50 ms | p99 ms | 5xx | CPU µs/req |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for key, run in results["latency"].items():
         name, rules, rest = key.split("/")
         cpu = ", ".join(f"{k} {v:,.0f}" for k, v in run["cpu_us_per_request"].items())
         lines.append(f"| {name} | {rules} | {run['offered_rate']:,.0f} | {run['rps']:,.0f} | "
-                     f"{run['latency_us']['p50'] / 1000:.2f} | {run['latency_us']['p99'] / 1000:.2f} | {cpu} |")
+                     f"{run['latency_us']['p50'] / 1000:.2f} | {run['latency_us']['p99'] / 1000:.2f} | {run.get('failed', 0)} | {cpu} |")
     mem = results["memory"]
     lines += ["", f"## Memory (trivial-rules stack, {mem['soak_requests']:,} requests between the columns)", "",
               "| process | RSS before MiB | RSS after MiB | peak MiB |", "|---|---:|---:|---:|"]
