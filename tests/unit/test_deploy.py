@@ -451,6 +451,8 @@ def test_selectors_match_their_pods(objects):
     for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selects(deployment["spec"]["selector"]["matchLabels"], labels), name
+        for spread in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            assert selects(spread["labelSelector"]["matchLabels"], labels), name
     for kind in ("Service", "PodDisruptionBudget"):
         for name, doc in of_kind(objects, kind).items():
             selector = doc["spec"]["selector"]
@@ -477,6 +479,7 @@ def test_hpa_scales_wafsvc_on_cpu_it_requests(objects):
     wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
     assert wafsvc["resources"]["requests"]["cpu"]
     assert hpa["spec"]["minReplicas"] >= 2, "a PDB of maxUnavailable 1 needs two replicas to allow any eviction"
+    assert "replicas" not in objects[("Deployment", "wafsvc")]["spec"], "the HPA owns the replica count"
 
 
 def test_wafsvc_is_headless_and_probed_over_grpc(objects):
