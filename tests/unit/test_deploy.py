@@ -211,6 +211,44 @@ def test_haproxy_accepts_the_cfg_with_the_deployed_environment(binary, which):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture()
+def make_up_spec(monkeypatch) -> processes.StackSpec:
+    """The StackSpec `make up` builds, caught before anything starts."""
+    import stack.__main__ as make_up
+
+    def capture(spec):
+        raise _Captured(spec)
+
+    monkeypatch.setattr(make_up, "Stack", capture)
+    for name in ("WAFSVC_REPLICAS", "WAF_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(_Captured) as caught:
+        make_up.main()
+    return caught.value.args[0]
+
+
+def test_compose_and_kubernetes_use_the_ports_of_make_up(compose, make_up_spec):
+    spec = make_up_spec
+    services = compose["services"]
+    haproxy, gateway, wafsvc = (env_of(services[name]) for name in ("haproxy", "gateway", "wafsvc"))
+    deployments = {d["metadata"]["name"]: d for d in load_all(DEPLOY / "k8s" / "haproxy.yaml")
+                   + load_all(DEPLOY / "k8s" / "wafsvc.yaml") if d["kind"] == "Deployment"}
+    k8s_haproxy = env(container(deployments["haproxy"], "haproxy"))
+    k8s_gateway = env(container(deployments["haproxy"], "gateway"))
+    k8s_wafsvc = env(container(deployments["wafsvc"], "wafsvc"))
+    for label, env_haproxy, env_gateway, env_wafsvc in (("compose", haproxy, gateway, wafsvc),
+                                                        ("kubernetes", k8s_haproxy, k8s_gateway, k8s_wafsvc)):
+        assert (port_of(env_haproxy["FRONTEND_ADDR"]), port_of(env_haproxy["FRONTEND_ALT_ADDR"]),
+                port_of(env_haproxy["BACKEND_ADDR"]), port_of(env_gateway["GATEWAY_LISTEN"]),
+                port_of(env_wafsvc["WAF_LISTEN"]), port_of(env_gateway["GATEWAY_METRICS"]),
+                port_of(env_wafsvc["WAF_METRICS"])) == (
+            spec.frontend_port, spec.frontend_alt_port, spec.backend_port, spec.gateway_port,
+            spec.wafsvc_ports[0], port_of(spec.gateway_env["GATEWAY_METRICS"]), spec.wafsvc_metrics_ports[0]), label
+
 # ------------------------------------------------------------- Dockerfiles --
 
 def stages(dockerfile: pathlib.Path) -> dict[str, str]:
