@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     checks[f"{name}/{rules}/{mix}"] = setups.verdicts(setup.port(rules), mix)
         results["verdict_checks"] = checks
         for key, counts in checks.items():
-            if key.endswith("/attack") and set(counts) != {"403"}:
+            # 503 is a fail-closed timeout on a loaded machine, not a pass.
+            if key.endswith("/attack") and ("403" not in counts or not set(counts) <= {"403", "503"}):
                 raise RuntimeError(f"{key}: attacks not all blocked: {counts}")
             if key.endswith("/benign") and "403" in counts:
                 raise RuntimeError(f"{key}: benign requests blocked: {counts}")

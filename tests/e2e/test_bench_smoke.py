@@ -41,8 +41,11 @@ def test_bench_smoke_writes_results(tmp_path):
     for key in ("haproxy/none/benign", "spoa/crs/benign", "spoa/trivial/attack", "nginx/crs/attack",
                 "engine/crs/benign", "engine/trivial/attack"):
         assert results["throughput"][key]["rps"] > 0, key
-    assert results["throughput"]["spoa/crs/attack"]["statuses"] == {
-        "403": results["throughput"]["spoa/crs/attack"]["requests"]}
+    # No attack got through: 403 from the rules, or 503 when a loaded
+    # machine ran past the gateway's deadline (fail closed, not timed here).
+    for key in ("spoa/crs/attack", "spoa/trivial/attack", "nginx/crs/attack"):
+        statuses = results["throughput"][key]["statuses"]
+        assert statuses and set(statuses) <= {"403", "503"}, (key, statuses)
     assert results["throughput"]["engine/crs/attack"]["verdicts"]["pass"] == 0
     assert results["memory"]["soak_requests"] >= 2000
     assert (tmp_path / "latest.png").stat().st_size > 0
