@@ -174,6 +174,13 @@ def test_prometheus_scrapes_every_metrics_port_compose_opens(compose):
     for name, port in metrics.items():
         assert str(port) in services[name]["expose"]
 
+def test_grafana_reads_the_prometheus_compose_runs(compose):
+    datasources = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    url = next(d["url"] for d in datasources["datasources"] if d["type"] == "prometheus")
+    host, port = url.split("//", 1)[1].rstrip("/").split(":")
+    assert host in compose["services"]
+    assert f"{port}:{port}" in compose["services"][host]["ports"]
+
 def test_compose_file_passes_docker_compose_config():
     binary = shutil.which("docker-compose")
     if binary is None:
