@@ -177,7 +177,7 @@ class Engine:
         """What arrived was inspected; the rest never will be, so an attack
         could hide past the cut. Always say so; deny unless told to allow
         (and never in detect mode, where nothing is denied)."""
-        declared = f"{req.content_length} declared" if req.content_length >= 0 else "chunked"
+        declared = f"{req.content_length} declared" if req.content_length >= 0 else "no Content-Length"
         verdict.matches.add(id=TRUNCATED_BODY_RULE_ID, message=TRUNCATED_BODY_MESSAGE, severity=2,
                             tags=["modsec-spoa/truncated-body"], phase=2,
                             matched_data=f"{len(req.body)} bytes inspected, {declared}")
