@@ -181,7 +181,7 @@ def test_reload_applies_good_rules_and_keeps_serving_on_broken_ones(stacks, tmp_
 def test_sigterm_of_a_replica_under_load_finishes_everything_quickly(stacks, tmp_path, haproxy_bin):
     stack = _stack(tmp_path, haproxy_bin, replicas=2, workers=2, wafsvc_env={"WAF_DRAIN_GRACE_MS": "30000"})
     stacks.append(stack)
-    with Load(stack.spec.frontend_port, clients=6) as load:
+    with Load(stack.spec.frontend_port, clients=4) as load:
         time.sleep(1.5)
         started = time.monotonic()
         status = stack.kill_wafsvc(0, signal.SIGTERM)

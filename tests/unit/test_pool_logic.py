@@ -167,3 +167,19 @@ def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
             pool._hedge(next(iter(lane.sent.values())))
     stalled = [lane.worker for lane in lanes if lane.worker.stalled]
     assert len(stalled) == 3  # STALL_BURST, then one per STALL_REFILL_S
+
+
+def test_a_message_answered_in_parts_frees_the_window_once():
+    pool = _pool()
+    lane = _lane(pool, _slot(pool, 1), "r1/a", workers=1)
+    results = []
+    for _ in range(4):
+        _submit(pool, results)
+    refs = [p.ref for p in lane.queue]
+    _send(lane)
+    lane.worker.outstanding = 1                      # what the writer counts for one message
+    lane.unanswered.append(4)
+    _answer(pool, lane, refs[:1])                    # a partial flush from a long batch
+    assert lane.worker.outstanding == 1 and len(results) == 1
+    _answer(pool, lane, refs[1:])
+    assert lane.worker.outstanding == 0 and not lane.unanswered and len(results) == 4
