@@ -89,6 +89,7 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     await asyncio.sleep(0)  # let stop() send GOAWAY before the streams end
     servicer.drain()
     await stop
+    observed.flush()  # counts tallied since the last flush
     log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
                                       "evaluations": servicer.evaluations,
                                       "drain_seconds": round(time.monotonic() - started, 3)})

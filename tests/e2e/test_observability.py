@@ -28,6 +28,7 @@ from gateway.spop import Message, encode_haproxy_hello, encode_notify
 from stack import free_port
 from stack.processes import HAPROXY_DIR
 from tests.e2e.conftest import start_stack
+from wafsvc.metrics import FLUSH_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPOE_CONF = HAPROXY_DIR / "spoe-modsecurity.conf"
@@ -78,6 +79,20 @@ class Scrape:
 
 def scrape(obs, service: str) -> Scrape:
     return Scrape(obs.metrics_ports[service])
+
+
+def settled_waf(obs, timeout: float = 10.0) -> Scrape:
+    """wafsvc workers write their tallies every FLUSH_S: scrape once two
+    scrapes that far apart agree, so nothing counted is still pending."""
+    deadline = time.monotonic() + timeout
+    last = scrape(obs, "wafsvc")
+    while time.monotonic() < deadline:
+        time.sleep(FLUSH_S * 2)
+        now = scrape(obs, "wafsvc")
+        if now.samples == last.samples:
+            return now
+        last = now
+    raise AssertionError("wafsvc metrics never settled")
 
 
 def request(obs, path: str = "/", headers=BROWSER, port: int | None = None) -> tuple[int, int]:
@@ -137,11 +152,11 @@ def worker_pids(obs) -> set[int]:
 # -- tests --------------------------------------------------------------------
 
 def test_counters_and_histograms_move_by_what_was_sent(obs):
-    gw0, waf0 = scrape(obs, "gateway"), scrape(obs, "wafsvc")
+    gw0, waf0 = scrape(obs, "gateway"), settled_waf(obs)
     benign, attacks = 12, 7
     statuses = [request(obs)[0] for _ in range(benign)] + [request(obs, SQLI)[0] for _ in range(attacks)]
     assert statuses == [200] * benign + [403] * attacks
-    gw, waf = scrape(obs, "gateway"), scrape(obs, "wafsvc")
+    gw, waf = scrape(obs, "gateway"), settled_waf(obs)
 
     def delta(before, after, name, **labels):
         return after.total(name, **labels) - before.total(name, **labels)
@@ -184,7 +199,7 @@ def test_one_scrape_covers_every_worker_of_the_replica(obs):
     import grpc
     from wafapi import waf_pb2
 
-    before = scrape(obs, "wafsvc")
+    before = settled_waf(obs)
     served: dict[str, int] = {}
     target = f"127.0.0.1:{obs.spec.wafsvc_ports[0]}"
     for attempt in range(40):
@@ -204,7 +219,7 @@ def test_one_scrape_covers_every_worker_of_the_replica(obs):
             assert len(list(responses)[0].verdicts) == 3
             served[worker] = served.get(worker, 0) + 3
     assert len(served) == 2, f"only reached {served}"
-    after = scrape(obs, "wafsvc")
+    after = settled_waf(obs)
     assert (after.total("modsec_waf_evaluations_total", verdict="pass")
             - before.total("modsec_waf_evaluations_total", verdict="pass")) == sum(served.values())
 
@@ -256,7 +271,7 @@ def test_audit_log_is_relevant_only(obs):
 
 
 def test_invalid_requests_are_counted(obs):
-    gw0, waf0 = scrape(obs, "gateway"), scrape(obs, "wafsvc")
+    gw0, waf0 = scrape(obs, "gateway"), settled_waf(obs)
     # HAProxy cuts bodies at tune.bufsize (64 KiB): the engine sees less
     # than Content-Length says, and both services count it.
     body = b"a=" + b"x" * 100_000
@@ -298,7 +313,7 @@ def test_unknown_application_is_an_engine_error(obs):
     """A rule set name the replica does not have: wafsvc refuses, the
     gateway applies the failure policy and counts an engine error."""
     from gateway.spop import encode_hdrs_bin
-    gw0, waf0 = scrape(obs, "gateway"), scrape(obs, "wafsvc")
+    gw0, waf0 = scrape(obs, "gateway"), settled_waf(obs)
     args = (("id", "unknown-app"), ("app", "no-such-app"), ("method", "GET"), ("uri", "/"),
             ("headers", encode_hdrs_bin([(b"host", b"x")])))
     with socket.create_connection(("127.0.0.1", obs.spec.gateway_port), timeout=5) as sock:
@@ -306,7 +321,7 @@ def test_unknown_application_is_an_engine_error(obs):
         sock.recv(4096)
         sock.sendall(encode_notify(1, 1, [Message("check-request", args)]))
         assert sock.recv(4096)
-    gw, waf = scrape(obs, "gateway"), scrape(obs, "wafsvc")
+    gw, waf = scrape(obs, "gateway"), settled_waf(obs)
     assert (gw.total("modsec_gateway_failures_total", reason="invalid_argument")
             - gw0.total("modsec_gateway_failures_total", reason="invalid_argument")) == 1
     assert (gw.total("modsec_gateway_invalid_requests_total", reason="engine_error")
@@ -319,7 +334,7 @@ def test_unknown_application_is_an_engine_error(obs):
 
 
 def test_reload_is_counted_and_the_rule_set_age_resets(obs):
-    waf0 = scrape(obs, "wafsvc")
+    waf0 = settled_waf(obs)
     loaded0 = waf0.total("modsec_waf_rules_loaded_timestamp_seconds")
     obs.proc("wafsvc1").send_signal(signal.SIGHUP)
     waf = wait_for(lambda: (lambda s: s if s.total("modsec_waf_rules_loaded_timestamp_seconds") > loaded0
@@ -331,7 +346,7 @@ def test_reload_is_counted_and_the_rule_set_age_resets(obs):
 
 
 def test_a_dead_worker_keeps_its_counts_and_is_replaced(obs):
-    before = scrape(obs, "wafsvc")
+    before = settled_waf(obs)
     victim = sorted(worker_pids(obs))[0]
     os.kill(victim, signal.SIGKILL)
     after = wait_for(lambda: (lambda s: s if s.total("modsec_waf_worker_restarts_total") >= 1

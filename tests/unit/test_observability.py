@@ -310,3 +310,51 @@ def test_blocks_are_not_logged_below_info(caplog):
     caplog.set_level(logging.WARNING, logger="gateway.requests")
     gateway_metrics.GatewayMetrics(CollectorRegistry()).verdict(_context(), _blocked(), 0.003)
     assert not [r for r in caplog.records if r.name == "gateway.requests"]
+
+
+class _FixedEngine:
+    """Answers with prepared verdicts; the tally logic is what is tested."""
+    class loaded:
+        rule_counts = {"": 1}
+        loaded_at = 0.0
+
+    def __init__(self, verdicts):
+        self.verdicts = iter(verdicts)
+
+    def evaluate(self, req, verdict=None):
+        return next(self.verdicts)
+
+
+def test_tallied_histogram_equals_observe():
+    times_us = [50, 100, 250, 999, 1000, 1001, 2_500, 2_000_000]
+    verdicts = [waf_pb2.Verdict(engine_time_us=t) for t in times_us]
+    registry, reference = CollectorRegistry(), CollectorRegistry()
+    observed = waf_metrics.ObservedEngine(_FixedEngine(verdicts), waf_metrics.WafMetrics(registry))
+    expected = waf_metrics.WafMetrics(reference).engine_seconds.labels("default")
+    for t in times_us:
+        observed.evaluate(_request("10.0.0.1"))
+        expected.observe(t / 1e6)
+
+    def samples(reg):
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+                      for f in reg.collect() if f.name == "modsec_waf_engine_duration_seconds"
+                      for s in f.samples if not s.name.endswith("_created"))
+    assert samples(registry) == samples(reference)
+
+
+def test_tallies_reach_the_metrics_within_the_flush_interval():
+    import asyncio
+    registry = CollectorRegistry()
+    verdicts = [waf_pb2.Verdict(intervention=True, matches=[waf_pb2.RuleMatch(id=942100)])] * 3
+    observed = waf_metrics.ObservedEngine(_FixedEngine(verdicts), waf_metrics.WafMetrics(registry))
+
+    async def run():
+        for _ in range(3):
+            observed.evaluate(_request("10.0.0.1"))
+        before = value(registry, "modsec_waf_evaluations_total", app="default", verdict="block")
+        await asyncio.sleep(waf_metrics.FLUSH_S * 2)
+        return before
+    assert asyncio.run(run()) == 0     # tallied on the hot path, not yet written
+    assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 3
+    assert value(registry, "modsec_waf_rule_matches_total", app="default", rule_id="942100",
+                 outcome="blocked") == 3
