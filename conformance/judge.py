@@ -23,6 +23,7 @@ class Observation:
     error: str | None = None         # no response (closed, reset, timeout)
     log_text: str | None = None      # None: this mode has no log text
     note: str = ""
+    reached_waf: bool = True         # False: HAProxy answered itself, no verdict
 
 
 @dataclass
@@ -54,7 +55,10 @@ def judge(output, seen: Observation) -> Judgement:
             if seen.status not in output.status:
                 problems.append(f"status {seen.status}, expected one of {list(output.status)}")
     ids = set(seen.matched_ids)
-    if output.expect_ids or output.no_expect_ids:
+    if output.no_expect_ids and not output.expect_ids and not seen.reached_waf:
+        # "No rule matched" would hold vacuously: the WAF never saw it.
+        unjudged.append("no_expect_ids: the request never reached the WAF (HAProxy answered itself)")
+    elif output.expect_ids or output.no_expect_ids:
         judged += 1
         missing = [i for i in output.expect_ids if i not in ids]
         unwanted = [i for i in output.no_expect_ids if i in ids]

@@ -43,6 +43,7 @@ class StackMode:
         seen = Observation(status=resp.status,
                            matched_ids=[int(x) for x in (rules or "").split() if x.isdigit()])
         if rules is None:
+            seen.reached_waf = False
             seen.note = f"HAProxy answered {resp.status} without a WAF verdict (request never reached SPOE)"
         elif resp.header("X-Waf-Failed") == "1":
             seen.note = (f"the stack gave no verdict after {RETRIES} retries: "

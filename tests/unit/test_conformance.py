@@ -61,6 +61,11 @@ def test_judge_checks_everything_present_and_skips_what_it_cannot_see():
     assert judge(StageOutput(expect_ids=(1,)), Observation(error="reset")).result == FAIL
     assert judge(StageOutput(expect_error=True), Observation(error="reset")).result == PASS
     assert judge(StageOutput(expect_error=True), Observation(status=400)).result == FAIL
+    # HAProxy answered itself: "no rule matched" is not judged, a status is.
+    assert judge(StageOutput(no_expect_ids=(1,)), Observation([], status=400, reached_waf=False)).result == SKIP
+    assert judge(StageOutput(status=(400,), no_expect_ids=(1,)),
+                 Observation([], status=400, reached_waf=False)).result == PASS
+    assert judge(StageOutput(expect_ids=(1,)), Observation([], status=400, reached_waf=False)).result == FAIL
     assert combine([judge(out, Observation([1], status=200)), judge(StageOutput(), Observation())]).result == PASS
 
 
