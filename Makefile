@@ -45,7 +45,7 @@ proto: install
 # The OWASP CRS regression suite through the whole stack and in-process;
 # the last line is the full-stack count. Report: conformance/report.json.
 conformance: install
-	$(PY) -m conformance --crs-dir $(CRS_DIR) --tests $(CRS_TESTS)
+	$(PY) -m conformance --crs-dir $(CRS_DIR) --tests $(CRS_TESTS) $(CONFORMANCE_ARGS)
 
 proto-check: install
 	$(PY) -m wafapi.codegen --check
