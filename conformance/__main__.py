@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import yaml
+
 from conformance import ftw, runner
 from conformance.auditlog import AuditLog
 from conformance.modes import EngineMode, StackMode
@@ -78,7 +80,7 @@ def progress_printer(label: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__.splitlines()[0])
     p.add_argument("--crs-dir", required=True)
     p.add_argument("--tests", help="go-ftw test directory (default CRS_DIR/tests)")
     p.add_argument("--overrides", default=str(HERE / "overrides.yaml"))
@@ -95,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     tests_dir = pathlib.Path(args.tests or os.path.join(args.crs_dir, "tests"))
-    tests = [t for t in ftw.load_tests(tests_dir) if args.filter in t.path]
+    if not os.path.isdir(os.path.join(args.crs_dir, "rules")):
+        p.error(f"--crs-dir {args.crs_dir}: no rules/ directory (set CRS_DIR to a CRS release)")
+    if not tests_dir.is_dir():
+        p.error(f"--tests {tests_dir}: no such directory (set CRS_TESTS to the CRS regression tests)")
     version = haproxy_version(args.haproxy_bin)
-    overrides = load_overrides(pathlib.Path(args.overrides), version) if args.overrides else {}
+    try:
+        tests = [t for t in ftw.load_tests(tests_dir) if args.filter in t.path]
+        overrides = load_overrides(pathlib.Path(args.overrides), version) if args.overrides else {}
+    except (ftw.FormatError, OSError, ValueError, yaml.YAMLError) as exc:
+        p.error(str(exc))
     response_ids = runner.response_rule_ids(args.crs_dir)
     run_dir = pathlib.Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
