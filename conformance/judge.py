@@ -1,8 +1,9 @@
 """Judging one stage: go-ftw's checks against what was observed. Pure logic.
 
 Every check present in the test must hold (they are ANDed, as in go-ftw).
-A mode that cannot observe something a test checks (the stack reports rule
-ids, not log text; the in-process engine has no HTTP server, so no status)
+A mode that cannot observe something a test checks (the in-process engine
+has no HTTP server, so no status; the stack has no verdict for a request
+HAProxy answered itself)
 does not guess: the check is left out and the reason is returned, and a test
 with no check left is skipped with that reason, never passed.
 """
@@ -70,7 +71,7 @@ def judge(output, seen: Observation) -> Judgement:
         if not regex:
             continue
         if seen.log_text is None:
-            unjudged.append("log regex needs log text (the stack reports rule ids only)")
+            unjudged.append("log regex needs log text, which this request has none of")
             continue
         judged += 1
         found = re.search(regex, seen.log_text) is not None

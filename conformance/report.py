@@ -63,8 +63,9 @@ def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, r
         "setup": {k: (_rel(v) if k in ("CRS_DIR", "CRS_SETUP") else v) for k, v in environ.items()},
         "how_counted": ("passed/failed/skipped per test (all stages). pass_rate = passed / (passed + failed). "
                         "Stack overrides count as skipped; counts_without_overrides judges them against "
-                        "the tests' own expectations. Skipped: response-phase tests, checks a mode cannot "
-                        "observe (engine: HTTP status and connection errors; stack: log text)."),
+                        "the tests' own expectations. Skipped: response-phase tests, and checks a mode cannot "
+                        "observe (engine: HTTP status and connection errors; stack: 'no rule matched' on a "
+                        "request HAProxy answered itself, log text without a unique-id)."),
         "modes": mode_summary,
         "overrides": {"total": len(overrides), "by_category": dict(categories)},
         "disagreements": disagreements,
