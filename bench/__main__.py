@@ -59,6 +59,8 @@ def median_of(runs: list[dict]) -> dict:
     mid["rps_all"] = [round(r["rps"], 1) for r in runs]
     mid["cpu_us_per_request"] = {k: statistics.median(r["cpu_us_per_request"][k] for r in runs)
                                  for k in runs[0]["cpu_us_per_request"]}
+    if all("mean_batch" in r for r in runs):
+        mid["mean_batch"] = statistics.median(r["mean_batch"] for r in runs)
     if "latency_us" in runs[0]:
         mid["latency_us"] = {k: statistics.median(r["latency_us"][k] for r in runs) for k in runs[0]["latency_us"]}
     return mid
@@ -144,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
                     result = engine_run(rules, mix, args.seconds, crs_dir, processes=os.cpu_count() or 2)
                 else:
                     rules_for_port = rules if rules != "none" else "trivial"
+                    batches = getattr(setup, "batch_counters", lambda: (0.0, 0.0))
+                    before = batches()
                     result = loadgen.run(setup.port(rules_for_port), mix, args.seconds, run_dir / "wrk",
                                          connections=args.connections, groups=setup.groups(rules_for_port))
+                    after = batches()
+                    if after[0] > before[0]:
+                        result["mean_batch"] = (after[1] - before[1]) / (after[0] - before[0])
                 runs.setdefault(key, []).append(result)
                 log(f"round {round_no + 1}/{args.rounds} {key}: {result['rps']:.0f}/s "
+                    + (f"batch={result['mean_batch']:.1f} " if "mean_batch" in result else "")
                     + " ".join(f"{k}={v:.0f}us" for k, v in result["cpu_us_per_request"].items()))
         throughput = {key: median_of(value) for key, value in runs.items()}
         results["throughput"] = throughput

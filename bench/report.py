@@ -75,12 +75,15 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**"}.get(s["targets_met"].get(key), "")
         lines.append(f"| {key} | {value:,.3f} | {target} | {met} |")
     lines += ["", "## Throughput (requests/s) and CPU per request (µs, per process group)", "",
-              "| setup | rules | mix | req/s | runs | 5xx | CPU µs/req |", "|---|---|---|---:|---|---:|---|"]
+              "req/s counts verdicts only (a 5xx is a failure); batch = requests per gateway -> wafsvc "
+              "stream message, from the gateway's metrics.", "",
+              "| setup | rules | mix | req/s | runs | 5xx | batch | CPU µs/req |", "|---|---|---|---:|---|---:|---:|---|"]
     for key, run in t.items():
         name, rules, mix = key.split("/")
         cpu = ", ".join(f"{k} {v:,.0f}" for k, v in run["cpu_us_per_request"].items())
         runs = " ".join(f"{x:,.0f}" for x in run.get("rps_all", []))
-        lines.append(f"| {name} | {rules} | {mix} | {run['rps']:,.0f} | {runs} | {run.get('failed', 0)} | {cpu} |")
+        batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else ""
+        lines.append(f"| {name} | {rules} | {mix} | {run['rps']:,.0f} | {runs} | {run.get('failed', 0)} | {batch} | {cpu} |")
     lines += ["", "## Latency at a fixed rate (half of modsec-spoa's peak), benign mix", "",
               "| setup | rules | offered/s | achieved/s | p50 ms | p99 ms | 5xx | CPU µs/req |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for key, run in results["latency"].items():

@@ -65,6 +65,8 @@ class HaproxySetup(Setup):
         haproxy_env = {"INDEX_FILE": str(index)}
         if rules:
             haproxy_env["BENCH_WAF"] = "1"
+        self.metrics_port = free_port() if rules else 0
+        gateway_env = {**(gateway_env or {}), **({"GATEWAY_METRICS": f"127.0.0.1:{self.metrics_port}"} if rules else {})}
         spec = StackSpec(wafsvc_ports=[free_port() for _ in range(replicas)], wafsvc_workers=workers,
                          wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning"} if rules else {},
                          gateway_env={"LOG_LEVEL": "info", **(gateway_env or {})},
@@ -86,6 +88,22 @@ class HaproxySetup(Setup):
 
     def port(self, rules: str) -> int:
         return self.stack.spec.frontend_port
+
+    def batch_counters(self) -> tuple[float, float]:
+        """(stream messages, requests they carried) from the gateway's metrics."""
+        if not self.metrics_port:
+            return 0.0, 0.0
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        values = {}
+        for line in text.splitlines():
+            for name in ("modsec_gateway_pool_stream_messages_total", "modsec_gateway_pool_batched_requests_total"):
+                if line.startswith(name + " "):
+                    values[name] = float(line.split()[1])
+        return (values.get("modsec_gateway_pool_stream_messages_total", 0.0),
+                values.get("modsec_gateway_pool_batched_requests_total", 0.0))
 
     def groups(self, rules: str) -> dict[str, list[int]]:
         out = {"haproxy": [self.stack.proc("haproxy").pid]}

@@ -73,7 +73,10 @@ class PoolCollector:
                 ("recycles", getattr(stats, "recycles", 0),
                  "connection sets replaced (rotation, so new replicas get traffic)"),
                 ("coverage_repairs", getattr(stats, "coverage_repairs", 0),
-                 "extra connections opened to reach wafsvc workers no stream reached")):
+                 "extra connections opened to reach wafsvc workers no stream reached"),
+                ("stream_messages", getattr(stats, "messages", 0),
+                 "stream messages sent to wafsvc (batched_requests / this = achieved batch size)"),
+                ("batched_requests", getattr(stats, "batched", 0), "requests carried by those messages")):
             family = CounterMetricFamily(f"modsec_gateway_pool_{name}", doc)
             family.add_metric([], value)
             yield family

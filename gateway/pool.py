@@ -202,6 +202,7 @@ class WafPool:
         self._parked: deque[Pending] = deque()  # waiting for any live lane
         self._by_deadline: deque[Pending] = deque()
         self._by_hedge: deque[Pending] = deque()
+        self._sweep_wake = asyncio.Event()  # set when work arrives while the sweep sleeps idle
         self._stall_tokens = STALL_BURST
         self._stall_checked = time.monotonic()
         self._next_ref = 0
@@ -312,6 +313,8 @@ class WafPool:
         now = time.monotonic()
         pending = Pending(ref, entry, callback, now + self.deadline_s, now + self.hedge_s)
         self.stats.submitted += 1
+        if not self._by_deadline:
+            self._sweep_wake.set()
         self._by_deadline.append(pending)
         self._by_hedge.append(pending)
         self._dispatch(pending)
@@ -554,10 +557,25 @@ class WafPool:
     async def _sweep(self) -> None:
         """Answers requests whose deadline passed, and re-sends those a
         worker sits on for too long. One deadline for all, so submit order is
-        deadline order and only the heads need looking at."""
+        deadline order and only the heads need looking at.
+
+        It sleeps until the first head is due, and not at all while nothing
+        is pending: waking every 5 ms cost ~2% of a core when idle, which at
+        CRS request rates (hundreds/s) was most of the gateway's CPU per
+        request."""
         queue, hedges, parked = self._by_deadline, self._by_hedge, self._parked
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            while queue and queue[0].done:
+                queue.popleft()
+            while hedges and hedges[0].done:
+                hedges.popleft()
+            if not queue and not hedges and not parked:
+                self._sweep_wake.clear()
+                await self._sweep_wake.wait()
+                continue
+            heads = [q[0].deadline if q is queue else q[0].hedge_at for q in (queue, hedges) if q]
+            due = min(heads, default=time.monotonic())
+            await asyncio.sleep(max(SWEEP_INTERVAL_S, due - time.monotonic()))
             now = time.monotonic()
             while parked and parked[0].done:
                 parked.popleft()  # answered by the deadline while no worker was up
