@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main() -> int:
     finally:
         for stack in stacks.values():
             stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -10,13 +10,16 @@ Logs go through the JSON formatter to /dev/null.
 """
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import timeit
 
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hooks-cost-")   # before prometheus_client
+atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 import prometheus_client.metrics as prom_metrics  # noqa: E402
 import prometheus_client.values as prom_values  # noqa: E402
