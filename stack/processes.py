@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,15 @@ from dataclasses import dataclass, field
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAPROXY_DIR = ROOT / "deploy" / "haproxy"
 DEBIAN_CRS = "/usr/share/modsecurity-crs"
+
+
+IGNORE_RULES_SETTING = re.compile(r"set-var\(txn\.ignorerules\)\s+str\('([^']*)'\)")
+
+
+def ignore_lists_in(haproxy_cfg: pathlib.Path) -> str:
+    """The txn.ignorerules lists a HAProxy config sets, as WAF_IGNORE_PRELOAD
+    wants them, so wafsvc builds their rule sets before the first request."""
+    return ";".join(IGNORE_RULES_SETTING.findall(pathlib.Path(haproxy_cfg).read_text()))
 
 
 def free_port() -> int:
@@ -124,7 +134,7 @@ class Stack:
     def start_wafsvc(self, index: int) -> subprocess.Popen:
         port = self.spec.wafsvc_ports[index]
         env = {"WAF_LISTEN": f"127.0.0.1:{port}", "WAF_WORKERS": str(self.spec.wafsvc_workers),
-               **self.spec.wafsvc_env}
+               "WAF_IGNORE_PRELOAD": ignore_lists_in(self.spec.haproxy_cfg), **self.spec.wafsvc_env}
         if index < len(self.spec.wafsvc_metrics_ports):
             env["WAF_METRICS"] = f"127.0.0.1:{self.spec.wafsvc_metrics_ports[index]}"
         proc = self._spawn(f"wafsvc{index + 1}", [sys.executable, "-m", "wafsvc"], env)

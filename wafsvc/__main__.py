@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wafsvc: configuration error: WAF_TOKEN_FILE: {exc}", file=sys.stderr)
             return 2
     try:
-        engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body)
+        engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body,
+                        preload=config.ignore_preload)
     except RulesError as exc:
         log.error("cannot load rules", extra={"error": str(exc)})
         if exporter is not None:

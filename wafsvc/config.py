@@ -12,6 +12,18 @@ from common.options import ConfigError, Option, host_port, parse
 REPO_RULES = pathlib.Path(__file__).resolve().parent.parent / "rules"
 
 
+def _ignore_lists(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """'942100;920350 942100;api:931130' -> ((app, ids), ...)."""
+    lists = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        app, sep, ids = item.rpartition(":")
+        tokens = ids.replace(",", " ").split()
+        if not tokens or not all(t.isdigit() and int(t) > 0 for t in tokens):
+            raise ValueError(f"expected rule ids like '942100 920350', got {item!r}")
+        lists.append((app.strip(), tuple(sorted({int(t) for t in tokens}))))
+    return tuple(lists)
+
+
 def _apps(text: str) -> dict[str, str]:
     """'api=/etc/waf/api.conf,shop=/etc/waf/shop.conf'."""
     apps: dict[str, str] = {}
@@ -54,6 +66,11 @@ OPTIONS = (
            "extra ModSecurity directives appended last (e.g. 'SecPcreMatchLimit 100000')"),
     Option("ignore_profiles", "WAF_IGNORE_PROFILES", 32,
            "rule sets kept per distinct ignored-rule list (each costs a rule set's memory)", int),
+    Option("ignore_preload", "WAF_IGNORE_PRELOAD", (),
+           "ignored-rule lists whose rule sets are built at start and on reload, before workers "
+           "fork, instead of on their first request: the txn.ignorerules values of your "
+           "frontends, ';' between lists, APP: before a list for a named rule set "
+           "(e.g. '942100;920350 942100')", _ignore_lists),
     Option("max_request_bytes", "WAF_MAX_REQUEST_BYTES", 4 * 1024 * 1024,
            "largest gRPC message accepted", int),
     Option("audit_log", "WAF_AUDIT_LOG", "",
@@ -98,6 +115,7 @@ class WafConfig:
     base_conf: str = str(REPO_RULES / "modsecurity.conf")
     extra_directives: str = ""
     ignore_profiles: int = 32
+    ignore_preload: tuple = ()
     max_request_bytes: int = 4 * 1024 * 1024
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
@@ -127,6 +145,12 @@ class WafConfig:
             raise ConfigError(f"WAF_DRAIN_GRACE_MS must be 0 or more, got {self.drain_grace_ms}")
         if self.ignore_profiles < 1:
             raise ConfigError("WAF_IGNORE_PROFILES must be at least 1")
+        if len(self.ignore_preload) > self.ignore_profiles:
+            raise ConfigError("WAF_IGNORE_PRELOAD has more lists than WAF_IGNORE_PROFILES keeps")
+        known_apps = {""} | set(self.apps)
+        for app, _ in self.ignore_preload:
+            if app not in known_apps:
+                raise ConfigError(f"WAF_IGNORE_PRELOAD: no rule set named {app!r} (WAF_APPS)")
         for label, address in (("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)):
             try:
                 address and host_port(address)

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import libmodsecurity
 
@@ -58,7 +58,8 @@ def _load_rules_set(text: str, what: str) -> tuple[libmodsecurity.RulesSet, int]
 
 class Engine:
     def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
-                 truncated_body: str = "block") -> None:
+                 truncated_body: str = "block",
+                 preload: Sequence[tuple[str, tuple[int, ...]]] = ()) -> None:
         if truncated_body not in TRUNCATED_BODY_POLICIES:
             raise ValueError(f"truncated_body must be block or allow, got {truncated_body!r}")
         self.truncated_body = truncated_body
@@ -71,6 +72,7 @@ class Engine:
         self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
         self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
         self._max_profiles = ignore_profiles
+        self._preload = tuple(preload)
         # Reload outcomes (SIGHUP), read by logs and metrics.
         self.reload_successes = 0
         self.reload_failures = 0
@@ -86,8 +88,15 @@ class Engine:
         fresh, counts = {}, {}
         for app, spec in specs.items():
             fresh[app], counts[app] = _load_rules_set(compose(spec), f"rule set {app or 'default'!r}")
-        self._specs, self._rule_sets = dict(specs), fresh
-        self._profiles.clear()
+        # Known ignore lists are built here, not on their first request: a
+        # CRS rule set takes 50-90 ms to parse, too long inside a verdict's
+        # deadline on a busy machine. Built before fork, workers share them.
+        profiles: OrderedDict = OrderedDict()
+        for app, ids in self._preload:
+            if app not in specs:
+                raise RulesError(f"ignore list {ids}: no rule set named {app!r}")
+            profiles[(app, ids)], _ = _load_rules_set(compose(specs[app], ids), f"ignore list {ids}")
+        self._specs, self._rule_sets, self._profiles = dict(specs), fresh, profiles
         self.loaded = LoadedRules(counts, time.time())
         return self.loaded
 

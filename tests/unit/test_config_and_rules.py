@@ -85,3 +85,27 @@ def test_crs_files_needing_geoip_are_skipped(tmp_path):
 def test_crs_dir_without_rules_is_an_error(tmp_path):
     with pytest.raises(RulesError, match="no rules"):
         crs_rule_files(str(tmp_path))
+
+
+def test_ignore_preload_lists_parse_and_validate(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    env = {"RULES": "rules/block-localhost.conf"}
+    config = WafConfig.from_args(["--ignore-preload", "942100; 920350,942100 ;"], env)
+    assert config.ignore_preload == (("", (942100,)), ("", (920350, 942100)))
+    with pytest.raises(ConfigError, match="rule ids"):
+        WafConfig.from_args(["--ignore-preload", "942100 abc"], env)
+    with pytest.raises(ConfigError, match="no rule set named 'api'"):
+        WafConfig.from_args(["--ignore-preload", "api:942100"], env)
+
+
+def test_every_deployment_preloads_the_ignore_lists_haproxy_cfg_sets():
+    import yaml
+    from stack.processes import ignore_lists_in
+    lists = ignore_lists_in(ROOT / "deploy/haproxy/haproxy.cfg")
+    assert lists  # the shipped config demonstrates txn.ignorerules
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["wafsvc"]["environment"]["WAF_IGNORE_PRELOAD"] == lists
+    k8s = [doc for doc in yaml.safe_load_all((ROOT / "deploy/k8s/wafsvc.yaml").read_text())
+           if doc and doc.get("kind") == "Deployment"][0]
+    env = {e["name"]: e.get("value") for e in k8s["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["WAF_IGNORE_PRELOAD"] == lists
