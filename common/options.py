@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,6 +47,22 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def check_addresses(pairs: Sequence[tuple[str, str]]) -> None:
+    """(label, HOST:PORT or empty) pairs; the first bad one raises ConfigError."""
+    for label, address in pairs:
+        try:
+            address and host_port(address)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+
+
+def check_paths_exist(pairs: Sequence[tuple[str, str]]) -> None:
+    """(label, path or empty) pairs; a missing file raises ConfigError."""
+    for label, path in pairs:
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{label}: {path} does not exist")
+
+
 def parse(prog: str, description: str, options: Sequence[Option],
           argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Flags beat environment variables, which beat defaults."""
@@ -70,6 +87,12 @@ def parse(prog: str, description: str, options: Sequence[Option],
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return values
+
+
+def config_error(prog: str, message: str) -> int:
+    """One clear line on stderr; exit code 2, as argparse uses for bad usage."""
+    print(f"{prog}: configuration error: {message}", file=sys.stderr)
+    return 2
 
 
 def markdown_table(options: Sequence[Option]) -> str:

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from common import logs
-from common.options import ConfigError, host_port
+from common.options import ConfigError, config_error, host_port
 from common.secrets import read_secret
 from gateway.config import GatewayConfig
 from gateway.pool import WafPool
@@ -89,15 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = GatewayConfig.from_args(argv)
     except ConfigError as exc:
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return config_error("gateway", str(exc))
     logs.setup(config.log_level, "gateway")
     if config.token_file:
         try:
             read_secret(config.token_file)
         except (OSError, ValueError) as exc:
-            print(f"gateway: configuration error: GATEWAY_TOKEN_FILE: {exc}", file=sys.stderr)
-            return 2
+            return config_error("gateway", f"GATEWAY_TOKEN_FILE: {exc}")
     import uvloop
     uvloop.run(serve(config))
     return 0

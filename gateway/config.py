@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from common.options import ConfigError, Option, boolean, host_port, parse
+from common.options import ConfigError, Option, boolean, check_addresses, check_paths_exist, parse
 
 OPTIONS = (
     Option("listen", "GATEWAY_LISTEN", "127.0.0.1:12345", "SPOP address HAProxy connects to"),
@@ -92,11 +91,7 @@ class GatewayConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for label, address in (("GATEWAY_LISTEN", self.listen), ("GATEWAY_METRICS", self.metrics)):
-            try:
-                address and host_port(address)
-            except ValueError as exc:
-                raise ConfigError(f"{label}: {exc}") from None
+        check_addresses((("GATEWAY_LISTEN", self.listen), ("GATEWAY_METRICS", self.metrics)))
         for label, value, low in (("GATEWAY_DEADLINE_MS", self.deadline_ms, 1),
                                   ("GATEWAY_CHANNELS", self.channels, 1),
                                   ("GATEWAY_STREAMS", self.streams, 1),
@@ -112,10 +107,8 @@ class GatewayConfig:
         for label, value in (("GATEWAY_HEDGE_MS", self.hedge_ms), ("GATEWAY_RECYCLE_MS", self.recycle_ms)):
             if value < 0:
                 raise ConfigError(f"{label} must be 0 or more, got {value}")
-        for label, path in (("GATEWAY_TLS_CA", self.tls_ca), ("GATEWAY_TLS_CERT", self.tls_cert),
-                            ("GATEWAY_TLS_KEY", self.tls_key), ("GATEWAY_TOKEN_FILE", self.token_file)):
-            if path and not os.path.exists(path):
-                raise ConfigError(f"{label}: {path} does not exist")
+        check_paths_exist((("GATEWAY_TLS_CA", self.tls_ca), ("GATEWAY_TLS_CERT", self.tls_cert),
+                           ("GATEWAY_TLS_KEY", self.tls_key), ("GATEWAY_TOKEN_FILE", self.token_file)))
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together: set both or neither")
         if self.tls_server_name and not self.tls:

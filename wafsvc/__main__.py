@@ -26,7 +26,7 @@ import sys
 import time
 
 from common import logs
-from common.options import ConfigError
+from common.options import ConfigError, config_error
 from common.secrets import read_secret
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = WafConfig.from_args(argv)
     except ConfigError as exc:
-        print(f"wafsvc: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return config_error("wafsvc", str(exc))
     logs.setup(config.log_level, "wafsvc")
     exporter = None
     if config.metrics:
@@ -241,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             read_secret(config.token_file)
         except (OSError, ValueError) as exc:
-            print(f"wafsvc: configuration error: WAF_TOKEN_FILE: {exc}", file=sys.stderr)
-            return 2
+            return config_error("wafsvc", f"WAF_TOKEN_FILE: {exc}")
     try:
         engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body,
                         preload=config.ignore_preload)

@@ -7,7 +7,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from common.options import ConfigError, Option, host_port, parse
+from common.options import ConfigError, Option, check_addresses, check_paths_exist, parse
 
 REPO_RULES = pathlib.Path(__file__).resolve().parent.parent / "rules"
 
@@ -151,19 +151,13 @@ class WafConfig:
         for app, _ in self.ignore_preload:
             if app not in known_apps:
                 raise ConfigError(f"WAF_IGNORE_PRELOAD: no rule set named {app!r} (WAF_APPS)")
-        for label, address in (("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)):
-            try:
-                address and host_port(address)
-            except ValueError as exc:
-                raise ConfigError(f"{label}: {exc}") from None
+        check_addresses((("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)))
         if self.audit_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.audit_log))):
             raise ConfigError(f"WAF_AUDIT_LOG: the directory of {self.audit_log} does not exist")
-        for label, path in (("RULES", self.rules), ("CRS_DIR", self.crs_dir),
-                            ("WAF_BASE_CONF", self.base_conf), ("WAF_TLS_CERT", self.tls_cert),
-                            ("WAF_TLS_KEY", self.tls_key), ("WAF_TLS_CLIENT_CA", self.tls_client_ca),
-                            ("WAF_TOKEN_FILE", self.token_file), *self.apps.items()):
-            if path and not os.path.exists(path):
-                raise ConfigError(f"{label}: {path} does not exist")
+        check_paths_exist((("RULES", self.rules), ("CRS_DIR", self.crs_dir),
+                           ("WAF_BASE_CONF", self.base_conf), ("WAF_TLS_CERT", self.tls_cert),
+                           ("WAF_TLS_KEY", self.tls_key), ("WAF_TLS_CLIENT_CA", self.tls_client_ca),
+                           ("WAF_TOKEN_FILE", self.token_file), *self.apps.items()))
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("WAF_TLS_CERT and WAF_TLS_KEY go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:

@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -65,6 +66,17 @@ def start_stack(log_dir: pathlib.Path, haproxy_bin: str, **overrides) -> Stack:
         for log in sorted(log_dir.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         raise
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition", interval: float = 0.05):
+    """Polls until predicate() is truthy and returns that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Reply:

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.spop import Message, encode_haproxy_hello, encode_notify
 from stack import free_port
 from stack.processes import HAPROXY_DIR
-from tests.e2e.conftest import start_stack
+from tests.e2e.conftest import start_stack, wait_for
 from wafsvc.metrics import FLUSH_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -109,16 +109,6 @@ def request(obs, path: str = "/", headers=BROWSER, port: int | None = None) -> t
         return resp.status, client_port
     finally:
         conn.close()
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def haproxy_line(obs, client_port: int) -> str:

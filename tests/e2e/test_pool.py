@@ -18,7 +18,7 @@ import pytest
 
 from stack import free_port
 from stack.load import Load
-from tests.e2e.conftest import http_request, start_stack
+from tests.e2e.conftest import http_request, start_stack, wait_for
 
 RULES = ('SecRule REQUEST_HEADERS:x-attack "@streq 1" "id:1001,phase:1,deny,status:403,log,msg:\'attack\'"\n')
 RULES_V2 = RULES + 'SecRule REQUEST_HEADERS:x-attack-2 "@streq 1" "id:1002,phase:1,deny,status:403,log"\n'
@@ -63,16 +63,6 @@ def _served(stack, index: int) -> dict[str, int]:
             if e.get("msg") == "worker stopped"}
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _assert_all_verdicts(load: Load) -> None:
     bad = load.bad()
     assert not load.errors, load.errors[:5]
@@ -85,7 +75,7 @@ def test_three_replicas_share_the_load_and_every_worker_is_reached(stacks, tmp_p
     # gets both connections on one worker, so coverage repair must work.
     stack = _stack(tmp_path, haproxy_bin, replicas=3, workers=2, gateway_env={"GATEWAY_CHANNELS": "2"})
     stacks.append(stack)
-    _wait_for(lambda: len({e["worker"] for e in _log_events(stack, "gateway")
+    wait_for(lambda: len({e["worker"] for e in _log_events(stack, "gateway")
                            if e.get("msg") == "wafsvc worker available"}) >= 6,
               30, "the gateway to reach all 6 workers")
     with Load(stack.spec.frontend_port, clients=8, total=3000) as load:
@@ -163,12 +153,12 @@ def test_reload_applies_good_rules_and_keeps_serving_on_broken_ones(stacks, tmp_
         assert http_request(stack.spec.frontend_port, headers=[("X-Attack-2", "1")]).status == 200
         stack.rules_file.write_text(RULES_V2)
         supervisor.send_signal(signal.SIGHUP)
-        _wait_for(lambda: len(logged("rules reloaded")) == 3, 20, "supervisor and both workers to reload")
+        wait_for(lambda: len(logged("rules reloaded")) == 3, 20, "supervisor and both workers to reload")
         assert _blocked(stack, "X-Attack-2")
 
         stack.rules_file.write_text(BROKEN)
         supervisor.send_signal(signal.SIGHUP)
-        failures = _wait_for(lambda: len(logged("rule reload failed; the previous rules stay in service")) == 3
+        failures = wait_for(lambda: len(logged("rule reload failed; the previous rules stay in service")) == 3
                              and logged("rule reload failed; the previous rules stay in service"),
                              20, "the reload failure to be logged")
         time.sleep(0.5)
