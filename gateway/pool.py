@@ -45,11 +45,11 @@ from typing import Callable
 
 import grpc
 
+from gateway.lanes import (Callback, Lane, Pending, PoolStats, Slot, Worker, batch_field,
+                           passthrough)
 from wafapi import waf_pb2
 
 log = logging.getLogger("gateway.pool")
-
-Callback = Callable[["waf_pb2.Verdict | None", "str | None"], None]
 
 STREAM_METHOD = "/waf.v1.Waf/EvaluateStream"
 # Stream metadata set by wafsvc/service.py.
@@ -78,100 +78,6 @@ STALL_BURST, STALL_REFILL_S = 3.0, 2.0
 
 # Errors worth another try elsewhere; the others describe the request itself.
 RETRYABLE = {"UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED", "UNKNOWN"}
-
-
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def _frame_field(number: int, payload: bytes) -> bytes:
-    """Protobuf length-delimited field: lets us build a batch from requests
-    serialized once at submit time, instead of copying messages per retry."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-class Pending:
-    __slots__ = ("ref", "entry", "callback", "deadline", "hedge_at", "attempts", "lane", "done")
-
-    def __init__(self, ref: int, entry: bytes, callback: Callback, deadline: float, hedge_at: float) -> None:
-        self.ref = ref
-        self.entry = entry          # serialized BatchRequest, as a field of EvaluateBatch
-        self.callback = callback
-        self.deadline = deadline
-        self.hedge_at = hedge_at
-        self.attempts = 0
-        self.lane: Lane | None = None
-        self.done = False
-
-
-class Worker:
-    """One wafsvc worker process, as named by its streams' metadata."""
-    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled", "last_answer", "outstanding")
-
-    def __init__(self, name: str, replica: str) -> None:
-        self.name = name
-        self.replica = replica
-        self.lanes: list[Lane] = []   # lanes that take new work
-        self.inflight = 0
-        self.turn = 0
-        self.stalled = False          # hung: no new work until it answers
-        self.last_answer = time.monotonic()
-        self.outstanding = 0          # stream messages sent to it and not answered yet
-
-
-class Lane:
-    __slots__ = ("index", "slot", "call", "worker", "queue", "wakeup", "sent", "retired", "unanswered")
-
-    def __init__(self, index: int, slot: "Slot") -> None:
-        self.index = index
-        self.slot = slot
-        self.call = None
-        self.worker: Worker | None = None
-        self.queue: list[Pending] = []
-        self.wakeup = asyncio.Event()
-        self.sent: dict[int, Pending] = {}
-        self.retired = False
-        # Requests still unanswered in each message sent, oldest first: the
-        # worker answers a stream's messages in order, possibly in several
-        # parts (wafsvc flushes long batches), so counting answers suffices.
-        self.unanswered: deque[int] = deque()
-
-
-class Slot:
-    """One gRPC channel (a connection to each replica) and its lanes."""
-    __slots__ = ("position", "generation", "channel", "lanes", "tasks", "opened")
-
-    def __init__(self, position: int, generation: int, channel: grpc.aio.Channel) -> None:
-        self.position = position
-        self.generation = generation
-        self.channel = channel
-        self.lanes: list[Lane] = []
-        self.tasks: list[asyncio.Task] = []
-        self.opened = time.monotonic()
-
-
-class PoolStats:
-    """Counters the metrics layer reads; plain ints keep the hot path cheap."""
-    __slots__ = ("submitted", "answered", "timeouts", "retries", "lane_failures", "errors",
-                 "hedges", "recycles", "coverage_repairs",
-                 "messages", "batched")
-
-    def __init__(self) -> None:
-        self.submitted = self.answered = self.timeouts = 0
-        self.retries = self.lane_failures = self.errors = 0
-        self.hedges = self.recycles = self.coverage_repairs = 0
-        # Stream messages written and the requests they carried: batched /
-        # messages is the batch size actually achieved.
-        self.messages = self.batched = 0
 
 
 class WafPool:
@@ -309,7 +215,7 @@ class WafPool:
         is called exactly once, at the latest at the deadline."""
         self._next_ref += 1
         ref = self._next_ref
-        entry = _frame_field(1, waf_pb2.BatchRequest(ref=ref, request=request).SerializeToString())
+        entry = batch_field(1, waf_pb2.BatchRequest(ref=ref, request=request).SerializeToString())
         now = time.monotonic()
         pending = Pending(ref, entry, callback, now + self.deadline_s, now + self.hedge_s)
         self.stats.submitted += 1
@@ -369,7 +275,7 @@ class WafPool:
 
     # -- lanes -----------------------------------------------------------
     async def _run_lane(self, lane: Lane) -> None:
-        method = lane.slot.channel.stream_stream(STREAM_METHOD, request_serializer=_identity,
+        method = lane.slot.channel.stream_stream(STREAM_METHOD, request_serializer=passthrough,
                                                  response_deserializer=waf_pb2.VerdictBatch.FromString)
         backoff = BACKOFF_MIN_S
         while not self._closing and not lane.retired:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import time
 
-from gateway.pool import MAX_ATTEMPTS, Lane, Slot, WafPool
+from gateway.lanes import Lane, Slot
+from gateway.pool import MAX_ATTEMPTS, WafPool
 from wafapi import waf_pb2
 
 
