@@ -143,3 +143,17 @@ def test_direct_grpc_call_gives_the_same_verdict(stack, method, path, body):
     through = http_request(stack.spec.frontend_port, method, path, headers=[h for h in headers if h[0] != "Content-Length"], body=body)
     assert through.status == (direct.status if direct.intervention else 200)
     assert through.rules == [m.id for m in direct.matches]
+
+
+def test_gateway_finds_wafsvc_through_dns(haproxy_bin, tmp_path):
+    """Compose and Kubernetes point the gateway at dns:///wafsvc:50051, every
+    replica behind one name; here the name is localhost. Without a verdict
+    the stack fails closed (503), so a broken resolver path cannot pass."""
+    port = free_port()
+    s = start_stack(tmp_path, haproxy_bin, wafsvc_ports=[port],
+                    gateway_env={"GATEWAY_WAFSVC": f"dns:///localhost:{port}"})
+    try:
+        assert http_request(s.spec.frontend_port, headers=BROWSER).status == 200
+        assert http_request(s.spec.frontend_port, path=SQLI, headers=BROWSER).status == 403
+    finally:
+        s.stop()
