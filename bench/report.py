@@ -129,6 +129,8 @@ def chart(results: dict, path: pathlib.Path) -> None:
 
 
 def write(results: dict, out_dir: pathlib.Path) -> None:
-    (out_dir / "latest.json").write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    # The headline figures also sit at the top level, where issue 6 names them.
+    headline = {k: v for k, v in results["summary"].items() if k != "targets_met"}
+    (out_dir / "latest.json").write_text(json.dumps({**headline, **results}, indent=1, sort_keys=False) + "\n")
     (out_dir / "latest.md").write_text(markdown(results))
     chart(results, out_dir / "latest.png")

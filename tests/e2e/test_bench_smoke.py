@@ -36,6 +36,7 @@ def test_bench_smoke_writes_results(tmp_path):
     summary = results["summary"]
     for key in HEADLINE:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+        assert results[key] == summary[key], key  # also at the top level, as issue 6 names them
     assert set(summary["targets_met"]) <= set(summary)
     # Every setup ran every mix, and the WAFs blocked the attacks they saw.
     for key in ("haproxy/none/benign", "spoa/crs/benign", "spoa/trivial/attack", "nginx/crs/attack",
