@@ -442,23 +442,20 @@ class WafPool:
         if worker is not None:
             worker.outstanding -= len(lane.unanswered)
         lane.unanswered.clear()
-        lane.worker, lane.call = None, None
         orphans = list(lane.sent.values()) + lane.queue
         lane.sent.clear()
         lane.queue.clear()
+        # The lane keeps its worker until its orphans are gone, so _retry and
+        # _finish take them off that worker's count; dispatch no longer sees
+        # the lane (_stop_taking_work), so none can land on it again.
         for pending in orphans:
             if pending.done or pending.lane is not lane:
                 continue
-            if worker is not None:
-                worker.inflight -= 1
-            pending.lane = None
             if self._can_retry(pending):
-                self.stats.retries += 1
-                if self.on_retry is not None and worker is not None:
-                    self.on_retry(worker.name)
-                self._dispatch(pending, avoid=worker)
+                self._retry(pending, worker)
             else:
                 self._finish(pending, None, "wafsvc stream failed and no retry was possible")
+        lane.worker, lane.call = None, None
 
     async def _sweep(self) -> None:
         """Answers requests whose deadline passed, and re-sends those a
