@@ -159,16 +159,12 @@ class SpopProtocol(asyncio.Protocol):
             request, context = mapping.build_request(dict(message.args), gateway.config.default_app,
                                                     gateway.config.haproxy_bufsize)
         except (mapping.InvalidMessage, SpopError) as exc:
-            reason = f"invalid request message: {exc}"
             gateway.hooks.invalid_message(str(exc))
-            gateway.hooks.failure(None, reason, 0.0)
-            self.ack(notify.stream_id, notify.frame_id, mapping.failure_actions(reason, gateway.fail_closed))
+            self._fail(notify.stream_id, notify.frame_id, None, f"invalid request message: {exc}", 0.0)
             return
         except Exception:  # a bug; answer this request and keep the connection's others alive
             log.exception("cannot map a request message")
-            gateway.hooks.failure(None, "internal error mapping the request", 0.0)
-            self.ack(notify.stream_id, notify.frame_id,
-                     mapping.failure_actions("internal error mapping the request", gateway.fail_closed))
+            self._fail(notify.stream_id, notify.frame_id, None, "internal error mapping the request", 0.0)
             return
         gateway.pool.submit(request, partial(self._on_result, notify.stream_id, notify.frame_id,
                                              context, started))
@@ -183,15 +179,19 @@ class SpopProtocol(asyncio.Protocol):
         elapsed = time.perf_counter() - started
         if verdict is not None:
             gateway.hooks.verdict(context, verdict, elapsed)
-            actions = mapping.verdict_actions(verdict)
+            self.ack(stream_id, frame_id, mapping.verdict_actions(verdict))
         else:
-            gateway.hooks.failure(context, error or "no verdict", elapsed)
             log.warning("no verdict; failure policy applied", extra={
                 "unique_id": context.unique_id, "reason": error,
                 "policy": gateway.config.failure_policy})
-            actions = mapping.failure_actions(error or "no verdict", gateway.fail_closed)
-        self.ack(stream_id, frame_id, actions)
+            self._fail(stream_id, frame_id, context, error or "no verdict", elapsed)
         gateway.resume_if_room()
+
+    def _fail(self, stream_id: int, frame_id: int, context: mapping.RequestContext | None,
+              reason: str, elapsed: float) -> None:
+        """No verdict for this request: count it and answer with the policy."""
+        self.gateway.hooks.failure(context, reason, elapsed)
+        self.ack(stream_id, frame_id, mapping.failure_actions(reason, self.gateway.fail_closed))
 
     # -- output ------------------------------------------------------------
     def ack(self, stream_id: int, frame_id: int, actions: list) -> None:
