@@ -15,7 +15,7 @@ import sys
 
 from common import logs
 from common.options import ConfigError, config_error, host_port
-from common.secrets import read_secret
+from common.secrets import read_pem, read_secret
 from gateway.config import GatewayConfig
 from gateway.pool import WafPool
 from gateway.server import Gateway
@@ -45,16 +45,11 @@ def channel_security(config: GatewayConfig):
     """(credentials, channel options, call metadata) for the path to wafsvc."""
     import grpc
 
-    def read(path: str) -> bytes | None:
-        if not path:
-            return None
-        with open(path, "rb") as f:
-            return f.read()
     credentials, options, metadata = None, (), ()
     if config.tls:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=read(config.tls_ca), private_key=read(config.tls_key),
-            certificate_chain=read(config.tls_cert))
+            root_certificates=read_pem(config.tls_ca), private_key=read_pem(config.tls_key),
+            certificate_chain=read_pem(config.tls_cert))
         if config.tls_server_name:
             options = (("grpc.ssl_target_name_override", config.tls_server_name),)
     if config.token_file:

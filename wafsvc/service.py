@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.secrets import read_pem
 from wafapi import waf_pb2, waf_pb2_grpc
 from wafsvc.engine import Engine, EvaluationFailed
 
@@ -169,11 +170,8 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
     """TLS from PEM files; with client_ca, clients must present a certificate it signed."""
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
     return grpc.ssl_server_credentials(
-        [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None,
+        [(read_pem(key), read_pem(cert))], root_certificates=read_pem(client_ca),
         require_client_auth=bool(client_ca))
 
 
