@@ -24,33 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10waf/v1/waf.proto\x12\x06waf.v1\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb9\x02\n\x0f\x45valuateRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_port\x18\x03 \x01(\r\x12\x11\n\tserver_ip\x18\x04 \x01(\t\x12\x13\n\x0bserver_port\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0b\n\x03uri\x18\x07 \x01(\x0c\x12\x14\n\x0chttp_version\x18\x08 \x01(\t\x12\x1f\n\x07headers\x18\t \x03(\x0b\x32\x0e.waf.v1.Header\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\x16\n\x0e\x62ody_truncated\x18\x0b \x01(\x08\x12\x16\n\x0e\x63ontent_length\x18\x0c \x01(\x03\x12\x13\n\x0b\x61pplication\x18\r \x01(\t\x12\x17\n\x0fignore_rule_ids\x18\x0e \x03(\x04\"m\n\tRuleMatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08severity\x18\x03 \x01(\r\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x14\n\x0cmatched_data\x18\x05 \x01(\t\x12\r\n\x05phase\x18\x06 \x01(\r\"\xc6\x01\n\x07Verdict\x12\x14\n\x0cintervention\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x14\n\x0credirect_url\x18\x03 \x01(\t\x12\x1e\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x0e.waf.v1.Action\x12\"\n\x07matches\x18\x05 \x03(\x0b\x32\x11.waf.v1.RuleMatch\x12\x16\n\x0e\x65ngine_time_us\x18\x06 \x01(\x04\x12\x16\n\x0etransaction_id\x18\x07 \x01(\t\x12\x0b\n\x03log\x18\x08 \x01(\t\"7\n\rEvaluateBatch\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.waf.v1.BatchRequest\"E\n\x0c\x42\x61tchRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12(\n\x07request\x18\x02 \x01(\x0b\x32\x17.waf.v1.EvaluateRequest\"6\n\x0cVerdictBatch\x12&\n\x08verdicts\x18\x01 \x03(\x0b\x32\x14.waf.v1.BatchVerdict\"s\n\x0c\x42\x61tchVerdict\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.waf.v1.VerdictH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.waf.v1.EvaluationErrorH\x00\x42\x08\n\x06result\"0\n\x0f\x45valuationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*h\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_PASS\x10\x01\x12\x0f\n\x0b\x41\x43TION_DENY\x10\x02\x12\x13\n\x0f\x41\x43TION_REDIRECT\x10\x03\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x04\x32~\n\x03Waf\x12\x34\n\x08\x45valuate\x12\x17.waf.v1.EvaluateRequest\x1a\x0f.waf.v1.Verdict\x12\x41\n\x0e\x45valuateStream\x12\x15.waf.v1.EvaluateBatch\x1a\x14.waf.v1.VerdictBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10waf/v1/waf.proto\x12\x06waf.v1\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xd3\x02\n\x0f\x45valuateRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_port\x18\x03 \x01(\r\x12\x11\n\tserver_ip\x18\x04 \x01(\t\x12\x13\n\x0bserver_port\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0b\n\x03uri\x18\x07 \x01(\x0c\x12\x14\n\x0chttp_version\x18\x08 \x01(\t\x12\x1f\n\x07headers\x18\t \x03(\x0b\x32\x0e.waf.v1.Header\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\x16\n\x0e\x62ody_truncated\x18\x0b \x01(\x08\x12\x16\n\x0e\x63ontent_length\x18\x0c \x01(\x03\x12\x13\n\x0b\x61pplication\x18\r \x01(\t\x12\x17\n\x0fignore_rule_ids\x18\x0e \x03(\x04\x12\x18\n\x10inspect_response\x18\x0f \x01(\x08\"\xca\x01\n\x0fResponseRequest\x12\x1a\n\x12transaction_handle\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x14\n\x0chttp_version\x18\x03 \x01(\t\x12\x1f\n\x07headers\x18\x04 \x03(\x0b\x32\x0e.waf.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x16\n\x0e\x62ody_truncated\x18\x06 \x01(\x08\x12\x16\n\x0e\x63ontent_length\x18\x07 \x01(\x03\x12\x16\n\x0etransaction_id\x18\x08 \x01(\t\"m\n\tRuleMatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08severity\x18\x03 \x01(\r\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x14\n\x0cmatched_data\x18\x05 \x01(\t\x12\r\n\x05phase\x18\x06 \x01(\r\"\xab\x02\n\x07Verdict\x12\x14\n\x0cintervention\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x14\n\x0credirect_url\x18\x03 \x01(\t\x12\x1e\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x0e.waf.v1.Action\x12\"\n\x07matches\x18\x05 \x03(\x0b\x32\x11.waf.v1.RuleMatch\x12\x16\n\x0e\x65ngine_time_us\x18\x06 \x01(\x04\x12\x16\n\x0etransaction_id\x18\x07 \x01(\t\x12\x0b\n\x03log\x18\x08 \x01(\t\x12\x1a\n\x12transaction_handle\x18\t \x01(\t\x12\x1a\n\x12transaction_ttl_ms\x18\n \x01(\r\x12\x13\n\x0b\x61pplication\x18\x0b \x01(\t\x12\x16\n\x0e\x62ody_truncated\x18\x0c \x01(\x08\"7\n\rEvaluateBatch\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.waf.v1.BatchRequest\"|\n\x0c\x42\x61tchRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x17.waf.v1.EvaluateRequestH\x00\x12+\n\x08response\x18\x03 \x01(\x0b\x32\x17.waf.v1.ResponseRequestH\x00\x42\x06\n\x04item\"6\n\x0cVerdictBatch\x12&\n\x08verdicts\x18\x01 \x03(\x0b\x32\x14.waf.v1.BatchVerdict\"s\n\x0c\x42\x61tchVerdict\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.waf.v1.VerdictH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.waf.v1.EvaluationErrorH\x00\x42\x08\n\x06result\"U\n\x0f\x45valuationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12#\n\x06reason\x18\x03 \x01(\x0e\x32\x13.waf.v1.ErrorReason\"\x19\n\x17ListApplicationsRequest\"\x8f\x02\n\x0b\x41pplication\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61ilure_policy\x18\x04 \x01(\t\x12\x16\n\x0etruncated_body\x18\x05 \x01(\t\x12\x1b\n\x13response_inspection\x18\x06 \x01(\x08\x12\x1a\n\x12transaction_ttl_ms\x18\x07 \x01(\r\x12\x1c\n\x14response_miss_policy\x18\x08 \x01(\t\x12\r\n\x05rules\x18\t \x01(\r\x12\x1e\n\x16preloaded_ignore_lists\x18\n \x03(\t\x12\x1a\n\x12request_body_limit\x18\x0b \x01(\x04\"b\n\x18ListApplicationsResponse\x12)\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\x13.waf.v1.Application\x12\x1b\n\x13unknown_application\x18\x02 \x01(\t*h\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_PASS\x10\x01\x12\x0f\n\x0b\x41\x43TION_DENY\x10\x02\x12\x13\n\x0f\x41\x43TION_REDIRECT\x10\x03\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x04*\x81\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NGINE_ERROR\x10\x01\x12\x16\n\x12LIMIT_HEADER_COUNT\x10\x02\x12\x16\n\x12LIMIT_HEADER_BYTES\x10\x03\x12\x13\n\x0fLIMIT_URI_BYTES\x10\x04\x12\x14\n\x10LIMIT_BODY_BYTES\x10\x05\x12\x11\n\rFIELD_HAS_NUL\x10\x06\x12\x11\n\rFIELD_INVALID\x10\x07\x12\x17\n\x13UNKNOWN_APPLICATION\x10\x08\x12\x17\n\x13IGNORE_LIST_REFUSED\x10\t\x12\x17\n\x13TRANSACTION_EXPIRED\x10\n\x12\x17\n\x13TRANSACTION_EVICTED\x10\x0b\x12\x18\n\x14TRANSACTION_RELOADED\x10\x0c\x12\x17\n\x13TRANSACTION_UNKNOWN\x10\r\x12\x1c\n\x18TRANSACTION_OTHER_WORKER\x10\x0e\x12\x0c\n\x08\x44RAINING\x10\x0f\x32\x93\x02\n\x03Waf\x12\x34\n\x08\x45valuate\x12\x17.waf.v1.EvaluateRequest\x1a\x0f.waf.v1.Verdict\x12\x41\n\x0e\x45valuateStream\x12\x15.waf.v1.EvaluateBatch\x1a\x14.waf.v1.VerdictBatch(\x01\x30\x01\x12<\n\x10\x45valuateResponse\x12\x17.waf.v1.ResponseRequest\x1a\x0f.waf.v1.Verdict\x12U\n\x10ListApplications\x12\x1f.waf.v1.ListApplicationsRequest\x1a .waf.v1.ListApplicationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'waf.v1.waf_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=1046
-  _globals['_ACTION']._serialized_end=1150
+  _globals['_ACTION']._serialized_start=1871
+  _globals['_ACTION']._serialized_end=1975
+  _globals['_ERRORREASON']._serialized_start=1978
+  _globals['_ERRORREASON']._serialized_end=2363
   _globals['_HEADER']._serialized_start=28
   _globals['_HEADER']._serialized_end=65
   _globals['_EVALUATEREQUEST']._serialized_start=68
-  _globals['_EVALUATEREQUEST']._serialized_end=381
-  _globals['_RULEMATCH']._serialized_start=383
-  _globals['_RULEMATCH']._serialized_end=492
-  _globals['_VERDICT']._serialized_start=495
-  _globals['_VERDICT']._serialized_end=693
-  _globals['_EVALUATEBATCH']._serialized_start=695
-  _globals['_EVALUATEBATCH']._serialized_end=750
-  _globals['_BATCHREQUEST']._serialized_start=752
-  _globals['_BATCHREQUEST']._serialized_end=821
-  _globals['_VERDICTBATCH']._serialized_start=823
-  _globals['_VERDICTBATCH']._serialized_end=877
-  _globals['_BATCHVERDICT']._serialized_start=879
-  _globals['_BATCHVERDICT']._serialized_end=994
-  _globals['_EVALUATIONERROR']._serialized_start=996
-  _globals['_EVALUATIONERROR']._serialized_end=1044
-  _globals['_WAF']._serialized_start=1152
-  _globals['_WAF']._serialized_end=1278
+  _globals['_EVALUATEREQUEST']._serialized_end=407
+  _globals['_RESPONSEREQUEST']._serialized_start=410
+  _globals['_RESPONSEREQUEST']._serialized_end=612
+  _globals['_RULEMATCH']._serialized_start=614
+  _globals['_RULEMATCH']._serialized_end=723
+  _globals['_VERDICT']._serialized_start=726
+  _globals['_VERDICT']._serialized_end=1025
+  _globals['_EVALUATEBATCH']._serialized_start=1027
+  _globals['_EVALUATEBATCH']._serialized_end=1082
+  _globals['_BATCHREQUEST']._serialized_start=1084
+  _globals['_BATCHREQUEST']._serialized_end=1208
+  _globals['_VERDICTBATCH']._serialized_start=1210
+  _globals['_VERDICTBATCH']._serialized_end=1264
+  _globals['_BATCHVERDICT']._serialized_start=1266
+  _globals['_BATCHVERDICT']._serialized_end=1381
+  _globals['_EVALUATIONERROR']._serialized_start=1383
+  _globals['_EVALUATIONERROR']._serialized_end=1468
+  _globals['_LISTAPPLICATIONSREQUEST']._serialized_start=1470
+  _globals['_LISTAPPLICATIONSREQUEST']._serialized_end=1495
+  _globals['_APPLICATION']._serialized_start=1498
+  _globals['_APPLICATION']._serialized_end=1769
+  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_start=1771
+  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_end=1869
+  _globals['_WAF']._serialized_start=2366
+  _globals['_WAF']._serialized_end=2641
 # @@protoc_insertion_point(module_scope)

@@ -44,22 +44,81 @@ class WafStub:
                 request_serializer=waf_dot_v1_dot_waf__pb2.EvaluateBatch.SerializeToString,
                 response_deserializer=waf_dot_v1_dot_waf__pb2.VerdictBatch.FromString,
                 _registered_method=True)
+        self.EvaluateResponse = channel.unary_unary(
+                '/waf.v1.Waf/EvaluateResponse',
+                request_serializer=waf_dot_v1_dot_waf__pb2.ResponseRequest.SerializeToString,
+                response_deserializer=waf_dot_v1_dot_waf__pb2.Verdict.FromString,
+                _registered_method=True)
+        self.ListApplications = channel.unary_unary(
+                '/waf.v1.Waf/ListApplications',
+                request_serializer=waf_dot_v1_dot_waf__pb2.ListApplicationsRequest.SerializeToString,
+                response_deserializer=waf_dot_v1_dot_waf__pb2.ListApplicationsResponse.FromString,
+                _registered_method=True)
 
 
 class WafServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Evaluate(self, request, context):
-        """Evaluates one request. Idempotent: safe to retry on another replica.
+        """Evaluates one request (phases 1 and 2). Idempotent unless
+        inspect_response is set: safe to retry on another replica.
+
+        Errors: INVALID_ARGUMENT when the request breaks a limit or holds bytes
+        the engine would not see (see ErrorReason), NOT_FOUND for an unknown
+        application when wafsvc is configured to refuse those, INTERNAL when the
+        engine failed. The trailing metadata key "x-waf-error-reason" carries the
+        ErrorReason name, so callers need not parse the message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EvaluateStream(self, request_iterator, context):
-        """Long-lived stream. Each message carries one or more requests tagged with
-        a caller-chosen ref; verdicts come back, possibly in other batches and
-        another order, tagged with the same ref.
+        """Long-lived stream for high request rates. Each EvaluateBatch carries one
+        or more requests (or responses) tagged with a caller-chosen ref; each
+        comes back exactly once as a BatchVerdict with the same ref.
+
+        Ordering contract:
+        - The worker reads one EvaluateBatch at a time and answers its items in
+        the order they were sent, before it reads the next batch. It may split
+        one batch's answers over several VerdictBatch messages (a long batch is
+        flushed every 50 ms, so the caller can tell a slow worker from a hung
+        one), but never reorders them and never merges two batches' answers.
+        - A per-item failure comes back as BatchVerdict.error and leaves the
+        stream open. The stream itself ends only when the worker drains
+        (status OK after the last answer) or fails.
+        - Once a stream has started, its initial metadata names the worker that
+        serves it (see "Stream metadata" below): every item on the stream is
+        evaluated by that worker, which is what response inspection relies on.
+
+        Stream metadata (initial metadata, sent before the first answer):
+        - "x-waf-worker": unique name of the worker process, stable for its
+        lifetime ("<replica>/<pid>"). Verdict.transaction_handle starts with it.
+        - "x-waf-replica": unique name of the replica (host and supervisor pid);
+        a restarted replica has a new name.
+        - "x-waf-workers": how many workers that replica runs, so a caller can
+        tell whether its connections reach all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateResponse(self, request, context):
+        """Runs the response phases (3 and 4) of a transaction kept by a request
+        evaluated with inspect_response. It must reach the worker that holds the
+        transaction: the same connection, or the same EvaluateStream (the
+        handle names the worker). A transaction is used once; the call ends it.
+
+        A miss is answered at once with NOT_FOUND and an ErrorReason
+        (TRANSACTION_EXPIRED, _EVICTED, _RELOADED, _UNKNOWN, _OTHER_WORKER):
+        the caller then applies its own miss policy (pass and flag, or block).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApplications(self, request, context):
+        """The applications (rule sets and policies) this worker serves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +136,16 @@ def add_WafServicer_to_server(servicer, server):
                     servicer.EvaluateStream,
                     request_deserializer=waf_dot_v1_dot_waf__pb2.EvaluateBatch.FromString,
                     response_serializer=waf_dot_v1_dot_waf__pb2.VerdictBatch.SerializeToString,
+            ),
+            'EvaluateResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateResponse,
+                    request_deserializer=waf_dot_v1_dot_waf__pb2.ResponseRequest.FromString,
+                    response_serializer=waf_dot_v1_dot_waf__pb2.Verdict.SerializeToString,
+            ),
+            'ListApplications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApplications,
+                    request_deserializer=waf_dot_v1_dot_waf__pb2.ListApplicationsRequest.FromString,
+                    response_serializer=waf_dot_v1_dot_waf__pb2.ListApplicationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +202,60 @@ class Waf:
             '/waf.v1.Waf/EvaluateStream',
             waf_dot_v1_dot_waf__pb2.EvaluateBatch.SerializeToString,
             waf_dot_v1_dot_waf__pb2.VerdictBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waf.v1.Waf/EvaluateResponse',
+            waf_dot_v1_dot_waf__pb2.ResponseRequest.SerializeToString,
+            waf_dot_v1_dot_waf__pb2.Verdict.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApplications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waf.v1.Waf/ListApplications',
+            waf_dot_v1_dot_waf__pb2.ListApplicationsRequest.SerializeToString,
+            waf_dot_v1_dot_waf__pb2.ListApplicationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
