@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from bench import loadgen, procstat, report, rulesets, setups
+from bench import gateway_isolated, loadgen, procstat, report, rulesets, setups
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MIXES = ("benign", "attack")
@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "crs_dir": crs_dir, "paranoia": 1, "wafsvc_replicas": args.replicas,
                                   "wafsvc_workers": args.workers, "soak_requests": args.soak,
                                   "haproxy": args.haproxy}}
+    # The gateway alone first, pinned to one core, before the stacks exist.
+    log("isolated gateway: SPOP driver -> gateway -> stub wafsvc")
+    results["gateway_isolated"] = gateway_isolated.run(
+        versions=("2.6", "3.2"), loads=(0.5,), seconds=min(args.seconds, 0.5) if args.smoke else args.seconds,
+        warmup_s=0.3 if args.smoke else 1.0, rounds=args.rounds, connections=8 if args.smoke else 32,
+        log_dir=run_dir / "gateway-isolated", log=log)
     started: list[setups.Setup] = []
     try:
         log(f"starting setups (CRS {crs_dir})")

@@ -8,7 +8,9 @@ import pathlib
 TARGETS = {  # key: (comparison, bound) from issue 6
     "cpu_ratio_vs_engine": ("<=", 1.15),
     "throughput_ratio_vs_nginx_modsec": (">=", 1.0),
-    "gateway_evaluations_per_s_trivial": (">=", 15000.0),
+    # Issue 17: one gateway process on a core of its own (the end-to-end
+    # figure gateway_evaluations_per_s_trivial is capped by HAProxy and wafsvc).
+    "gateway_evaluations_per_cpu_s_isolated": (">=", 15000.0),
     "p99_added_ms": ("<=", 1.0),
     "rss_growth_mib": ("<=", 5.0),
 }
@@ -52,9 +54,14 @@ def summarise(results: dict) -> dict:
         "throughput_ratio_vs_engine_crs": spoa_crs["rps"] / t["engine/crs/benign"]["rps"],
         "overhead_us_per_request_crs": _ours_cpu(spoa_crs) - t["engine/crs/benign"]["cpu_us_per_request"]["engine"],
     }
+    isolated = results.get("gateway_isolated")
+    if isolated:
+        summary["gateway_evaluations_per_cpu_s_isolated"] = isolated["evaluations_per_gateway_cpu_s"]
+        summary["gateway_evaluations_per_cpu_s_isolated_half_load"] = (
+            isolated["evaluations_per_gateway_cpu_s_at_load"]["50%"])
     summary = {key: round(float(value), 4) for key, value in summary.items()}
     summary["targets_met"] = {key: (summary[key] <= bound if op == "<=" else summary[key] >= bound)
-                              for key, (op, bound) in TARGETS.items()}
+                              for key, (op, bound) in TARGETS.items() if key in summary}
     return summary
 
 
@@ -91,6 +98,14 @@ def markdown(results: dict) -> str:
         cpu = ", ".join(f"{k} {v:,.0f}" for k, v in run["cpu_us_per_request"].items())
         lines.append(f"| {name} | {rules} | {run['offered_rate']:,.0f} | {run['rps']:,.0f} | "
                      f"{run['latency_us']['p50'] / 1000:.2f} | {run['latency_us']['p99'] / 1000:.2f} | {run.get('failed', 0)} | {cpu} |")
+    if results.get("gateway_isolated"):
+        from bench.gateway_isolated import table
+        iso = results["gateway_isolated"]["settings"]
+        lines += ["", "## The gateway alone (SPOP driver -> gateway -> stub wafsvc)", "",
+                  f"`python -m bench.gateway_isolated`: gateway on CPU {iso['cpus']['gateway']}, driver and stub "
+                  f"on {iso['cpus']['driver_and_stub']}; {iso['connections']} SPOP connections, closed loop "
+                  f"{iso['depth']} NOTIFYs in flight per connection, open loop at a fraction of the median peak "
+                  "(latency from the intended send time); min-max over the rounds.", "", table(results["gateway_isolated"])]
     mem = results["memory"]
     lines += ["", f"## Memory (trivial-rules stack, {mem['soak_requests']:,} requests between the columns)", "",
               "| process | RSS before MiB | RSS after MiB | peak MiB |", "|---|---:|---:|---:|"]

@@ -90,20 +90,7 @@ class HaproxySetup(Setup):
         return self.stack.spec.frontend_port
 
     def batch_counters(self) -> tuple[float, float]:
-        """(stream messages, requests they carried) from the gateway's metrics."""
-        if not self.metrics_port:
-            return 0.0, 0.0
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        values = {}
-        for line in text.splitlines():
-            for name in ("modsec_gateway_pool_stream_messages_total", "modsec_gateway_pool_batched_requests_total"):
-                if line.startswith(name + " "):
-                    values[name] = float(line.split()[1])
-        return (values.get("modsec_gateway_pool_stream_messages_total", 0.0),
-                values.get("modsec_gateway_pool_batched_requests_total", 0.0))
+        return batch_counters(self.metrics_port) if self.metrics_port else (0.0, 0.0)
 
     def groups(self, rules: str) -> dict[str, list[int]]:
         out = {"haproxy": [self.stack.proc("haproxy").pid]}
@@ -161,6 +148,22 @@ class NginxSetup(Setup):
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def batch_counters(metrics_port: int) -> tuple[float, float]:
+    """(stream messages, requests they carried) from a gateway's metrics:
+    their ratio over a run is the batch size it achieved."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("modsec_gateway_pool_stream_messages_total", "modsec_gateway_pool_batched_requests_total"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return (values.get("modsec_gateway_pool_stream_messages_total", 0.0),
+            values.get("modsec_gateway_pool_batched_requests_total", 0.0))
 
 
 def verdicts(port: int, mix: str) -> dict[str, int]:

@@ -17,7 +17,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEADLINE = ("cpu_ratio_vs_engine", "throughput_ratio_vs_nginx_modsec", "throughput_ratio_vs_haproxy_nowaf",
-            "p99_added_ms", "rss_growth_mib", "gateway_evaluations_per_s_trivial")
+            "p99_added_ms", "rss_growth_mib", "gateway_evaluations_per_s_trivial",
+            "gateway_evaluations_per_cpu_s_isolated", "gateway_evaluations_per_cpu_s_isolated_half_load")
 
 missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
 if not os.path.exists("/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"):
