@@ -122,6 +122,13 @@ class GatewayMetrics(RequestLog):
                           "requests that could not be inspected whole: malformed SPOP frame or message, "
                           "body truncated by HAProxy, or an error from the engine", ["reason"], registry=r)
         self._invalid = ChildCache(lambda reason: invalid.labels(reason))
+        messages = Counter("modsec_gateway_invalid_messages",
+                           "SPOE messages refused (answered by the failure policy) because the SPOE file "
+                           "does not match what the gateway expects: by message name, problem "
+                           "(unknown_message, missing_argument, null_argument, wrong_type, bad_value) "
+                           "and argument", ["message", "problem", "argument"], registry=r)
+        self._messages = ChildCache(lambda key: messages.labels(*key))
+        self._message_names = BoundedValues(32)
         evaluations = Counter("modsec_gateway_evaluations", "evaluations by verdict (pass, block, match, error) "
                               "and application rule set", ["verdict", "app"], registry=r)
         self._evaluations = ChildCache(lambda key: evaluations.labels(*key))
@@ -168,9 +175,11 @@ class GatewayMetrics(RequestLog):
         self._protocol[status].inc()
         self._invalid["spop_frame"].inc()
 
-    def invalid_message(self, reason: str) -> None:
-        super().invalid_message(reason)
+    def invalid_message(self, error: mapping.InvalidMessage) -> None:
+        super().invalid_message(error)
         self._invalid["message"].inc()
+        # The argument comes from the gateway's own schemas: bounded already.
+        self._messages[(self._message_names(error.message), error.problem.value, error.argument)].inc()
 
     def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
         super().verdict(context, verdict, seconds)

@@ -30,7 +30,8 @@ class GatewayHooks:
     def connection_closed(self, status: str) -> None: ...
     def frame(self, kind: str) -> None: ...
     def protocol_error(self, status: str) -> None: ...
-    def invalid_message(self, reason: str) -> None: ...
+    def invalid_message(self, error: mapping.InvalidMessage) -> None: ...
+    def ignored(self, message: str, argument: str) -> None: ...
     def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None: ...
     def failure(self, context: mapping.RequestContext | None, reason: str, seconds: float) -> None: ...
 
@@ -147,25 +148,39 @@ class SpopProtocol(asyncio.Protocol):
     # -- evaluation --------------------------------------------------------
     def _on_notify(self, notify) -> None:
         gateway = self.gateway
+        hooks = gateway.hooks
         started = time.perf_counter()
-        for message in notify.messages:
-            if message.name == mapping.REQUEST_MESSAGE:
-                break
-        else:
-            # Nothing for us in this NOTIFY (another message group): ACK empty.
-            self.ack(notify.stream_id, notify.frame_id, [])
-            return
+        schema = message = None
+        for candidate in notify.messages:
+            if schema is None:
+                schema = mapping.MESSAGES.get(candidate.name)
+                message = candidate
+            else:
+                hooks.ignored(candidate.name, "")  # another message beside ours
         try:
-            request, context = mapping.build_request(dict(message.args), gateway.config.default_app,
-                                                    gateway.config.haproxy_bufsize)
-        except (mapping.InvalidMessage, SpopError) as exc:
-            gateway.hooks.invalid_message(str(exc))
-            self._fail(notify.stream_id, notify.frame_id, None, f"invalid request message: {exc}", 0.0)
+            if schema is None:
+                names = ", ".join(m.name for m in notify.messages) or "(none)"
+                raise mapping.InvalidMessage(
+                    mapping.Problem.UNKNOWN_MESSAGE,
+                    f"no message the gateway knows in this NOTIFY, only {names}",
+                    message=notify.messages[0].name if notify.messages else "",
+                    hint="name the message check-request (deploy/haproxy/spoe-modsecurity.conf), or "
+                         "modsecurity as the original agent did, in spoe-agent 'messages' and 'spoe-message'")
+            request, context, unknown = mapping.map_message(message.args, schema, gateway.config.default_app,
+                                                            gateway.config.haproxy_bufsize)
+        except mapping.InvalidMessage as exc:
+            # Never evaluated as an empty request: the failure policy answers.
+            for name in exc.unknown:
+                hooks.ignored(exc.message, name)
+            hooks.invalid_message(exc)
+            self._fail(notify.stream_id, notify.frame_id, None, f"invalid SPOE message: {exc}", 0.0)
             return
         except Exception:  # a bug; answer this request and keep the connection's others alive
             log.exception("cannot map a request message")
             self._fail(notify.stream_id, notify.frame_id, None, "internal error mapping the request", 0.0)
             return
+        for name in unknown:
+            hooks.ignored(message.name, name)
         gateway.pool.submit(request, partial(self._on_result, notify.stream_id, notify.frame_id,
                                              context, started))
         if gateway.pool.inflight >= gateway.config.max_inflight and self.transport is not None:
@@ -201,7 +216,7 @@ class SpopProtocol(asyncio.Protocol):
             self.conn.send_ack(stream_id, frame_id, actions)
         except SpopError:
             # Too big for the frame: keep the decision, drop the details.
-            self.conn.send_ack(stream_id, frame_id, actions[:3])
+            self.conn.send_ack(stream_id, frame_id, actions[:mapping.DECISION_VARS])
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

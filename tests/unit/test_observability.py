@@ -19,7 +19,9 @@ from common.logs import JsonFormatter
 from common.metrics import OTHER, BoundedValues
 from common.options import ConfigError
 from gateway import metrics as gateway_metrics
+from gateway import mapping
 from gateway.mapping import RequestContext
+from gateway.requestlog import WARN_EVERY_S, RequestLog
 from gateway.pool import WafPool
 from wafapi import waf_pb2
 from wafsvc import metrics as waf_metrics
@@ -127,7 +129,8 @@ def test_gateway_hooks_count_verdicts_blocks_rules_and_latency():
 def test_gateway_hooks_count_failures_and_protocol_errors():
     registry = CollectorRegistry()
     hooks = gateway_metrics.GatewayMetrics(registry)
-    hooks.invalid_message("argument 'method' is missing")
+    hooks.invalid_message(mapping.InvalidMessage(mapping.Problem.MISSING_ARGUMENT, "is missing",
+                                                 "check-request", "uri", "add uri=url"))
     hooks.failure(None, "invalid request message: argument 'method' is missing", 0.0)
     hooks.failure(_context(), "no verdict within the deadline", 0.4)
     hooks.failure(_context(), "INTERNAL: engine error: boom", 0.01)
@@ -138,6 +141,8 @@ def test_gateway_hooks_count_failures_and_protocol_errors():
     hooks.retried("host/1/2")
     hooks.grpc_error("host/1/2", "UNAVAILABLE")
     assert value(registry, "modsec_gateway_failures_total", reason="invalid_message") == 1
+    assert value(registry, "modsec_gateway_invalid_messages_total", message="check-request",
+                 problem="missing_argument", argument="uri") == 1
     assert value(registry, "modsec_gateway_failures_total", reason="timeout") == 1
     assert value(registry, "modsec_gateway_failures_total", reason="internal") == 1
     assert value(registry, "modsec_gateway_evaluations_total", verdict="error", app="default") == 2
@@ -170,6 +175,39 @@ def test_request_log_has_ids_only_unless_asked(caplog):
     assert plain.unique_id == "id-1" and plain.rules == [942100, 949110] and plain.status == 403
     assert not hasattr(plain, "host") and not hasattr(plain, "matched_data")
     assert detailed.host == "shop.example:8080" and detailed.matched_data == "1' or '1'='1"
+
+
+def test_a_broken_spoe_file_is_warned_about_at_once_then_once_a_minute(caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.requests")
+    now = [1000.0]
+    hooks = RequestLog(clock=lambda: now[0])
+    missing = mapping.InvalidMessage(mapping.Problem.MISSING_ARGUMENT, "is missing", "check-request", "uri",
+                                     "add uri=url to the args of spoe-message check-request")
+    unknown = mapping.InvalidMessage(mapping.Problem.UNKNOWN_MESSAGE, "no message the gateway knows",
+                                     "check-requests", hint="name the message check-request")
+    for _ in range(5):
+        hooks.invalid_message(missing)
+    hooks.invalid_message(unknown)
+    now[0] += WARN_EVERY_S
+    hooks.invalid_message(missing)
+    warned = [r for r in caplog.records if r.name == "gateway.requests"]
+    assert [(r.problem, r.spoe_message, r.argument, r.refused) for r in warned] == [
+        ("missing_argument", "check-request", "uri", 1), ("unknown_message", "check-requests", "", 1),
+        ("missing_argument", "check-request", "uri", 5)]
+    assert "fix the SPOE file" in warned[0].getMessage() and "uri=url" in warned[0].fix
+
+
+def test_unknown_arguments_are_logged_the_first_time_each_appears(caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.requests")
+    hooks = RequestLog()
+    for _ in range(3):
+        hooks.ignored("check-request", "url")
+        hooks.ignored("modsecurity", "reqhdr")
+        hooks.ignored("other-message", "")
+    records = [r for r in caplog.records if r.name == "gateway.requests"]
+    assert [(r.spoe_message, getattr(r, "argument", None)) for r in records] == [
+        ("check-request", "url"), ("modsecurity", "reqhdr"), ("other-message", None)]
+    assert records[0].fix == "did you mean 'uri'?" and records[1].fix == "did you mean 'reqhdrs'?"
 
 
 def test_pool_counters_are_read_at_scrape_time():
