@@ -305,7 +305,7 @@ def test_unknown_application_is_an_engine_error(obs):
     from gateway.spop import encode_hdrs_bin
     gw0, waf0 = scrape(obs, "gateway"), settled_waf(obs)
     args = (("id", "unknown-app"), ("app", "no-such-app"), ("method", "GET"), ("uri", "/"),
-            ("headers", encode_hdrs_bin([(b"host", b"x")])))
+            ("headers", encode_hdrs_bin([(b"host", b"x")])), ("body", None))
     with socket.create_connection(("127.0.0.1", obs.spec.gateway_port), timeout=5) as sock:
         sock.sendall(encode_haproxy_hello(("2.0",), 16380, ("pipelining",)))
         sock.recv(4096)
