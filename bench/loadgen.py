@@ -1,11 +1,5 @@
-"""wrk runs: flat out at fixed concurrency, or paced to a fixed rate.
-
-Paced mode is wrk with a Lua delay() (bench/lua/mix.lua): each connection
-waits a jittered pause before every request, so the offered rate is about
-connections / (pause + latency). It is closed-loop per connection and does
-not correct for coordinated omission the way wrk2 does; at half of the peak
-rate the queueing that hides is small, and it is the same for every setup.
-"""
+"""wrk runs, flat out at fixed concurrency: throughput and the soak.
+(Latency at a given rate is open loop: bench/openloop.py.)"""
 
 from __future__ import annotations
 
@@ -30,26 +24,23 @@ def wrk_binary() -> str:
 
 
 def run(port: int, mix: str, seconds: float, work_dir: pathlib.Path, *, connections: int = 32,
-        rate: float = 0.0, stop_after: int = 0, groups: dict[str, list[int]] | None = None) -> dict:
+        stop_after: int = 0, groups: dict[str, list[int]] | None = None) -> dict:
     """One wrk run; returns wrk's summary plus CPU seconds per process group."""
     work_dir.mkdir(parents=True, exist_ok=True)
     table = workloads.write_lua_table(mix, work_dir / f"requests-{mix}.lua")
     out = work_dir / f"wrk-{time.monotonic_ns()}.json"
     env = {**os.environ, "BENCH_REQUESTS": str(table), "BENCH_OUT": str(out)}
-    if rate > 0:
-        # Enough connections that the mean pause is >= 20 ms: wrk's timer has
-        # 1 ms resolution, so shorter pauses would round the rate badly.
-        connections = max(connections, math.ceil(rate * 0.02))
-        env["BENCH_DELAY_MS"] = f"{connections * 1000.0 / rate:.3f}"
     if stop_after:
         env["BENCH_STOP_AFTER"] = str(stop_after)
     argv = [wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "5s",
             "-s", str(LUA), f"http://127.0.0.1:{port}/"]
     groups = groups or {}
     before = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
+    machine = procstat.cpu_times()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output, _ = proc.communicate(timeout=seconds + 120)
     after = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
+    machine_busy = procstat.busy_between(machine, procstat.cpu_times())
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {output.decode(errors='replace')[-2000:]}")
     result = json.loads(out.read_text())
@@ -61,7 +52,7 @@ def run(port: int, mix: str, seconds: float, work_dir: pathlib.Path, *, connecti
     requests = max(1, verdicts)
     wall = result["duration_us"] / 1e6
     result.update({
-        "mix": mix, "connections": connections, "offered_rate": rate, "failed": failed,
+        "mix": mix, "connections": connections, "failed": failed, "machine_busy": machine_busy,
         "rps": verdicts / wall if wall else 0.0,
         "cpu_s": {name: after[name] - before[name] for name in groups},
         "cpu_us_per_request": {name: (after[name] - before[name]) * 1e6 / requests for name in groups},

@@ -50,6 +50,18 @@ def total_cpu(pids: list[int]) -> float:
     return total
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (the "cpu" line of /proc/stat)."""
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:]]
+
+
+def busy_between(before: list[int], after: list[int]) -> float:
+    """Share of all CPUs busy between two cpu_times() readings."""
+    delta = [a - b for a, b in zip(after, before)]
+    return round(1.0 - (delta[3] + delta[4]) / max(1, sum(delta)), 3)
+
+
 def busy_fraction(interval_s: float = 1.0) -> float:
     """Share of all CPUs that were busy over interval_s (machine-wide)."""
     import time

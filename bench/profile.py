@@ -20,7 +20,7 @@ import tempfile
 import threading
 
 from bench import loadgen, procstat
-from bench.setups import HaproxySetup
+from bench.setups import HaproxyStack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -71,14 +71,14 @@ def main() -> int:
     haproxy = shutil.which("haproxy")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = pathlib.Path(tmp)
-        setup = HaproxySetup(run_dir, haproxy, rules="trivial", workers=2)
+        setup = HaproxyStack(run_dir, haproxy, rules="trivial", workers=2)
         try:
-            groups = setup.groups("trivial")
+            groups = setup.groups()
             worker = procstat.children(setup.stack.proc("wafsvc1").pid)[0]
             targets = {"gateway": groups["gateway"][0], "wafsvc worker": worker}
             load = {}
             wrk = threading.Thread(target=lambda: load.update(loadgen.run(
-                setup.port("trivial"), "benign", args.seconds + 4, run_dir, groups=groups)))
+                setup.port, "benign", args.seconds + 4, run_dir, groups=groups)))
             wrk.start()
             spies = {name: subprocess.Popen([py_spy, "record", "--native", "-r", "200",
                                              "-d", str(int(args.seconds)), "--format", "raw",

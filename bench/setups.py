@@ -1,10 +1,18 @@
-"""The setups under test, each started once and left idle between runs:
+"""The setups `make bench` compares, each started once and left idle
+between runs:
 
-- haproxy:  HAProxy, no WAF, serving a static file (the ceiling)
-- spoa-*:   the same HAProxy frontend with SPOE -> gateway -> wafsvc (one
-            replica of WAF_WORKERS=2), one stack per rule set
-- nginx:    nginx + ModSecurity-nginx, 2 workers, one server per rule set
+- haproxy: HAProxy, no WAF, serving a static page itself (the ceiling)
+- spoa:    the same HAProxy frontend with SPOE -> gateway -> wafsvc (one
+           replica of WAF_WORKERS=2), one stack per rule set
+- nginx:   nginx + ModSecurity-nginx, 2 workers, one server per rule set
 The raw engine runs in-process (bench/engine_run.py) and needs no setup.
+
+Adding a setup (response inspection, Envoy...): subclass Setup, say which
+rule sets it runs, whether it must block attacks and which process groups
+are the product under test, and add the class to SETUPS. Every phase of the
+harness (verdict checks, throughput, latency curves, same-rate latency)
+then runs it beside the others; its keys in latest.json are
+"<name>/<rules>/<mix>". Headline ratios stay explicit in bench/report.py.
 """
 
 from __future__ import annotations
@@ -14,14 +22,15 @@ import os
 import pathlib
 import shutil
 import subprocess
-import time
+from dataclasses import dataclass
 
 from bench import procstat, rulesets, workloads
 from stack.processes import ROOT, Stack, StackSpec, free_port, wait_for_health, wait_for_port
 
 CONF = ROOT / "bench" / "conf"
 SPOE_CONF = ROOT / "deploy" / "haproxy" / "spoe-modsecurity.conf"
-NGINX_MODULE = "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"
+NGINX_MODULES = ("/usr/lib/nginx/modules/ngx_http_modsecurity_module.so",
+                 "/usr/lib/nginx/modules/ngx_http_echo_module.so")
 INDEX_HTML = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>Shop</title>"
               "<link rel=stylesheet href=/static/app.css></head><body><header><nav>"
               + "".join(f"<a href=/catalog/{c}>{c}</a>" for c in ("shoes", "boots", "socks", "sale"))
@@ -38,9 +47,22 @@ def write_www(run_dir: pathlib.Path) -> pathlib.Path:
     return index
 
 
+@dataclass(frozen=True)
+class Context:
+    """What every setup gets to start."""
+    run_dir: pathlib.Path
+    haproxy_bin: str
+    crs_dir: str
+    replicas: int = 1
+    workers: int = 2
+
+
 class Setup:
-    name = ""
-    ours: tuple[str, ...] = ()   # process groups that are modsec-spoa itself
+    name = ""                      # key prefix in latest.json
+    label = ""                     # in tables and charts
+    rules: tuple[str, ...] = ()    # rule sets it runs; ("none",) for no WAF
+    blocks = True                  # must block every attack before it is timed
+    ours: tuple[str, ...] = ()     # process groups that are the product under test
 
     def port(self, rules: str) -> int:
         raise NotImplementedError
@@ -49,18 +71,21 @@ class Setup:
         """Process group name -> pids, for CPU and memory accounting."""
         raise NotImplementedError
 
+    def counters(self, rules: str) -> dict[str, float]:
+        """Monotonic counters read before and after each run (optional)."""
+        return {}
+
     def stop(self) -> None:
         raise NotImplementedError
 
 
-class HaproxySetup(Setup):
-    """HAProxy alone, or in front of the gateway when `rules` is given."""
+class HaproxyStack:
+    """One native stack: HAProxy alone, or in front of gateway and wafsvc
+    when `rules` is given."""
 
     def __init__(self, run_dir: pathlib.Path, haproxy_bin: str, rules: str = "", crs_dir: str = "",
                  replicas: int = 1, workers: int = 2, gateway_env: dict | None = None) -> None:
         self.rules = rules
-        self.name = f"spoa-{rules}" if rules else "haproxy"
-        self.ours = ("gateway", "wafsvc") if rules else ()
         index = write_www(run_dir)
         haproxy_env = {"INDEX_FILE": str(index)}
         if rules:
@@ -72,7 +97,7 @@ class HaproxySetup(Setup):
                          gateway_env={"LOG_LEVEL": "info", **(gateway_env or {})},
                          haproxy_env=haproxy_env, haproxy_bin=haproxy_bin,
                          haproxy_cfg=CONF / "haproxy.cfg", spoe_conf=SPOE_CONF,
-                         log_dir=run_dir / self.name)
+                         log_dir=run_dir / (f"spoa-{rules}" if rules else "haproxy"))
         self.stack = Stack(spec)
         try:
             if rules:
@@ -86,13 +111,11 @@ class HaproxySetup(Setup):
             self.stack.stop()
             raise
 
-    def port(self, rules: str) -> int:
+    @property
+    def port(self) -> int:
         return self.stack.spec.frontend_port
 
-    def batch_counters(self) -> tuple[float, float]:
-        return batch_counters(self.metrics_port) if self.metrics_port else (0.0, 0.0)
-
-    def groups(self, rules: str) -> dict[str, list[int]]:
+    def groups(self) -> dict[str, list[int]]:
         out = {"haproxy": [self.stack.proc("haproxy").pid]}
         if self.rules:
             out["gateway"] = [self.stack.proc("gateway").pid]
@@ -104,22 +127,72 @@ class HaproxySetup(Setup):
         self.stack.stop()
 
 
-class NginxSetup(Setup):
-    name = "nginx"
+class HaproxyAlone(Setup):
+    name, label, rules, blocks = "haproxy", "HAProxy\nno WAF", ("none",), False
 
-    def __init__(self, run_dir: pathlib.Path, crs_dir: str = "") -> None:
-        if not shutil.which("nginx") or not os.path.exists(NGINX_MODULE):
-            raise FileNotFoundError("nginx or ModSecurity-nginx missing: bash scripts/install.sh bench")
-        run = run_dir / "nginx"
+    def __init__(self, ctx: Context) -> None:
+        self.stack = HaproxyStack(ctx.run_dir, ctx.haproxy_bin)
+
+    def port(self, rules: str) -> int:
+        return self.stack.port
+
+    def groups(self, rules: str) -> dict[str, list[int]]:
+        return self.stack.groups()
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+
+class Spoa(Setup):
+    name, label, rules = "spoa", "HAProxy +\nmodsec-spoa", ("crs", "trivial")
+    ours = ("gateway", "wafsvc")   # modsec-spoa itself; HAProxy is counted beside it
+
+    def __init__(self, ctx: Context) -> None:
+        self.stacks: dict[str, HaproxyStack] = {}
+        try:
+            for rules in self.rules:
+                self.stacks[rules] = HaproxyStack(ctx.run_dir, ctx.haproxy_bin, rules=rules, crs_dir=ctx.crs_dir,
+                                                  replicas=ctx.replicas, workers=ctx.workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def port(self, rules: str) -> int:
+        return self.stacks[rules].port
+
+    def groups(self, rules: str) -> dict[str, list[int]]:
+        return self.stacks[rules].groups()
+
+    def counters(self, rules: str) -> dict[str, float]:
+        messages, batched = batch_counters(self.stacks[rules].metrics_port)
+        return {"stream_messages": messages, "batched_requests": batched}
+
+    def stop(self) -> None:
+        for stack in self.stacks.values():
+            stack.stop()
+
+
+class Nginx(Setup):
+    """nginx + ModSecurity-nginx. The page comes from the echo module's
+    content handler: it runs after ModSecurity's phase 2 (the body is
+    inspected) and answers POSTs with 200, where the static module answers
+    405 and an error_page redirect would run ModSecurity twice."""
+    name, label, rules = "nginx", "nginx +\nModSecurity", ("crs", "trivial")
+
+    def __init__(self, ctx: Context) -> None:
+        missing = [m for m in NGINX_MODULES if not os.path.exists(m)]
+        if not shutil.which("nginx") or missing:
+            raise FileNotFoundError(f"nginx or its modules missing ({missing}): bash scripts/install.sh bench")
+        run = ctx.run_dir / "nginx"
         run.mkdir(parents=True, exist_ok=True)
         # Workers may run as an unprivileged user: let them read the run folder.
-        for path in (run_dir, run):
+        for path in (ctx.run_dir, run):
             path.chmod(0o755)
-        write_www(run)
-        for rules in ("crs", "trivial"):
-            (run / f"rules-{rules}.conf").write_text(rulesets.composed_text(rules, crs_dir))
-        self.ports = {"crs": free_port(), "trivial": free_port()}
+        for rules in self.rules:
+            (run / f"rules-{rules}.conf").write_text(rulesets.composed_text(rules, ctx.crs_dir))
+        self.ports = {rules: free_port() for rules in self.rules}
         conf = (CONF / "nginx.conf").read_text().replace("@RUN@", str(run))
+        conf = conf.replace("@PAGE@", INDEX_HTML.rstrip("\n"))  # echo adds the newline back
         conf = conf.replace("@CRS_PORT@", str(self.ports["crs"])).replace("@TRIVIAL_PORT@", str(self.ports["trivial"]))
         (run / "nginx.conf").write_text(conf)
         self.log = open(run / "nginx.out", "ab")
@@ -150,6 +223,11 @@ class NginxSetup(Setup):
         self.log.close()
 
 
+# The harness runs these, in this order. Response inspection (issue 13) and
+# Envoy (issue 16) add their classes here.
+SETUPS: tuple[type[Setup], ...] = (HaproxyAlone, Spoa, Nginx)
+
+
 def batch_counters(metrics_port: int) -> tuple[float, float]:
     """(stream messages, requests they carried) from a gateway's metrics:
     their ratio over a run is the batch size it achieved."""
@@ -166,10 +244,11 @@ def batch_counters(metrics_port: int) -> tuple[float, float]:
             values.get("modsec_gateway_pool_batched_requests_total", 0.0))
 
 
-def verdicts(port: int, mix: str) -> dict[str, int]:
-    """Sends every request of a mix once; status code -> count. Proves that
-    a setup blocks what it should before its speed is worth anything."""
-    counts: dict[str, int] = {}
+def statuses(port: int, mix: str) -> list[int]:
+    """Sends every request of a mix once, in order; the status of each.
+    Proves that a setup answers and blocks what it should before its speed
+    is worth anything."""
+    out = []
     for req in workloads.MIXES[mix]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
@@ -177,12 +256,7 @@ def verdicts(port: int, mix: str) -> dict[str, int]:
             for name, value in req.all_headers():
                 conn.putheader(name, value)
             conn.endheaders(req.body or None)
-            status = conn.getresponse().status
+            out.append(conn.getresponse().status)
         finally:
             conn.close()
-        counts[str(status)] = counts.get(str(status), 0) + 1
-    return counts
-
-
-def settle(seconds: float = 0.5) -> None:
-    time.sleep(seconds)
+    return out

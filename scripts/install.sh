@@ -2,7 +2,7 @@
 # Installs what the local stack and the tests need, idempotently:
 # Debian packages (HAProxy, CRS) and a Python venv in .venv.
 #   scripts/install.sh            runtime + test tools
-#   scripts/install.sh bench      also wrk, nginx + ModSecurity-nginx
+#   scripts/install.sh bench      also wrk, gcc (bench/openloop.c), nginx + ModSecurity-nginx + echo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ SUDO=""
 # docker-compose: only to check docker-compose.yml in the tests (no engine).
 # prometheus: the tests check deploy/prometheus and run the dashboard's queries.
 PKGS=(haproxy modsecurity-crs docker-compose prometheus)
-[ "${1:-}" = bench ] && PKGS+=(wrk nginx libnginx-mod-http-modsecurity)
+[ "${1:-}" = bench ] && PKGS+=(wrk gcc libc6-dev nginx libnginx-mod-http-modsecurity libnginx-mod-http-echo)
 missing=()
 for pkg in "${PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

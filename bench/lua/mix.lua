@@ -1,11 +1,8 @@
 -- wrk script for the benchmark mixes (bench/workloads.py generates the table).
 --   BENCH_REQUESTS  Lua file returning raw HTTP requests; sent in rotation
---   BENCH_DELAY_MS  mean pause before each request, per connection (paced
---                   mode for latency at a fixed rate); 0 or unset = flat out
 --   BENCH_STOP_AFTER stop after this many responses (one wrk thread only)
 --   BENCH_OUT       where done() writes a JSON summary
 local requests = dofile(os.getenv("BENCH_REQUESTS"))
-local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "0")
 local counter = 0
 local responses = 0
@@ -20,19 +17,11 @@ end
 function init(args)
    -- Each connection starts at a different point of the mix.
    counter = (id or 0) * 7
-   math.randomseed(os.time() + (id or 0))
 end
 
 function request()
    counter = counter + 1
    return requests[(counter % #requests) + 1]
-end
-
-if delay_ms > 0 then
-   -- Uniform jitter in [0.5, 1.5] x mean keeps connections from marching in step.
-   function delay()
-      return math.floor(delay_ms * (0.5 + math.random()) + 0.5)
-   end
 end
 
 function response(status, headers, body)

@@ -1,7 +1,8 @@
 """The benchmark harness in smoke mode: every setup starts, every run kind
-(throughput, paced latency, soak, raw engine) goes through, and the results
-file has the headline figures as numbers. No figure is judged here: speed is
-proven by `make bench`, never by timed assertions."""
+(isolated gateway, throughput, open-loop latency curves and same-rate runs,
+soak, raw engine) goes through, and the results file has the headline
+figures as numbers. No figure is judged here: speed is proven by
+`make bench`, never by timed assertions."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-HEADLINE = ("cpu_ratio_vs_engine", "throughput_ratio_vs_nginx_modsec", "throughput_ratio_vs_haproxy_nowaf",
-            "p99_added_ms", "rss_growth_mib", "gateway_evaluations_per_s_trivial",
+HEADLINE = ("cpu_ratio_vs_engine", "cpu_ratio_vs_engine_without_haproxy", "cpu_ratio_vs_engine_half_load",
+            "throughput_ratio_vs_nginx_modsec", "throughput_ratio_vs_nginx_modsec_attack",
+            "throughput_ratio_vs_haproxy_nowaf", "p99_added_ms", "p99_half_load_ratio_vs_nginx_trivial",
+            "p99_half_load_ratio_vs_nginx_crs", "rss_growth_mib", "gateway_evaluations_per_s_trivial",
             "gateway_evaluations_per_cpu_s_isolated", "gateway_evaluations_per_cpu_s_isolated_half_load")
 
-missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
-if not os.path.exists("/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"):
-    missing.append("libnginx-mod-http-modsecurity")
+missing = [tool for tool in ("wrk", "nginx", "gcc") if shutil.which(tool) is None]
+for module in ("modsecurity", "echo"):
+    if not os.path.exists(f"/usr/lib/nginx/modules/ngx_http_{module}_module.so"):
+        missing.append(f"libnginx-mod-http-{module}")
 if missing and not os.environ.get("REQUIRE_BENCH_TOOLS"):
     pytest.skip(f"benchmark tools missing ({', '.join(missing)}): bash scripts/install.sh bench",
                 allow_module_level=True)
@@ -39,6 +43,20 @@ def test_bench_smoke_writes_results(tmp_path):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
         assert results[key] == summary[key], key  # also at the top level, as issue 6 names them
     assert set(summary["targets_met"]) <= set(summary)
+    assert set(results["summary_spread"]) >= set(HEADLINE)
+    assert results["versions"]["crs"] == "4.28.0" and "3.0.15" in results["versions"]["libmodsecurity_wheel"]
+    assert {"busy_before", "busy_after", "loadavg_before", "loadavg_after"} <= set(results["machine"])
+    # Benign requests, POSTs included, get 200 everywhere (nginx too).
+    for key, counts in results["verdict_checks"].items():
+        if key.endswith("/benign"):
+            assert counts == {"200": 10}, (key, counts)
+    # An open-loop curve per setup and rule set, at every fraction of its peak.
+    assert set(results["latency_curves"]) == {"haproxy/none", "spoa/crs", "spoa/trivial", "nginx/crs", "nginx/trivial"}
+    for curve in results["latency_curves"].values():
+        assert list(curve["points"]) == ["10%", "25%", "50%", "75%", "90%"]
+        for point in curve["points"].values():
+            assert point["latency_us"]["samples"] > 0 and point["offered_rate"] > 0
+    assert any(key.startswith("nginx/crs/benign@") for key in results["latency"])
     # Every setup ran every mix, and the WAFs blocked the attacks they saw.
     for key in ("haproxy/none/benign", "spoa/crs/benign", "spoa/trivial/attack", "nginx/crs/attack",
                 "engine/crs/benign", "engine/trivial/attack"):
