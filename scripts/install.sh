@@ -41,3 +41,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
     echo "$want" > "$stamp"
 fi
+# The client library and the `modsec-spoa` command (pyproject.toml), installed
+# editable: the venv runs this checkout's code. Its own stamp names the
+# checkout, since worktrees may share one venv.
+project_stamp=.venv/.project.sha
+want=$( (cat pyproject.toml; pwd) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$project_stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/modsec-spoa ]; then
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    echo "$want" > "$project_stamp"
+fi
