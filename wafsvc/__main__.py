@@ -17,7 +17,6 @@ still running after WAF_DRAIN_GRACE_MS are cut.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -30,12 +29,12 @@ from common.options import ConfigError, config_error
 from common.secrets import read_secret
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
+from wafsvc.lifetime import die_with_parent
 from wafsvc.rules import RuleSetSpec, RulesError
 
 log = logging.getLogger("wafsvc")
 
 RESTART_BACKOFF_S = 0.5
-PR_SET_PDEATHSIG = 1
 
 
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
@@ -132,19 +131,10 @@ def reload(engine: Engine, config: WafConfig) -> bool:
     return True
 
 
-def _die_with_parent(parent: int) -> None:
-    """A worker whose supervisor was killed drains and exits instead of
-    serving on, unsupervised, beside the replica that replaces it."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return  # not Linux: the supervisor's own SIGTERM still reaches us
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int) -> int:
-    _die_with_parent(parent)
+    # A worker whose supervisor was killed drains and exits instead of
+    # serving on, unsupervised, beside the replica that replaces it.
+    die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         import uvloop
@@ -251,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("rules loaded", extra={"rules": dict(engine.loaded.rule_counts), "workers": config.workers,
                                     "mode": config.mode, "paranoia": config.paranoia})
+    if exporter is not None:
+        # The supervisor's own gauge too: livemin would take its unset 0.
+        exporter.metrics.rules(engine.loaded)
     supervisor = Supervisor(config, engine)
     supervisor.exporter = exporter
     return supervisor.run()

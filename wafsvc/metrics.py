@@ -26,6 +26,7 @@ import tempfile
 from typing import Callable
 
 from wafsvc.engine import EvaluationFailed
+from wafsvc.lifetime import die_with_parent
 
 log = logging.getLogger("wafsvc.requests")
 
@@ -261,8 +262,10 @@ class Exporter:
 
     # -- the HTTP server process -------------------------------------------
     def start(self) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            die_with_parent(parent)  # never outlive a SIGKILLed supervisor, holding the port
             os._exit(self._serve())
         self.pid = pid
         log.info("metrics listening", extra={"metrics": self.address, "server_pid": pid})
