@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # HAProxy with modsec-spoa's configs, unchanged: deploy/haproxy/ is the one
 # source for the local stack, the tests, this image and the Kubernetes
 # ConfigMap. Addresses come from the environment (see haproxy.cfg's
