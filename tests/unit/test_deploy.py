@@ -152,6 +152,13 @@ def test_compose_rules_file_is_what_wafsvc_is_told_to_load(compose):
     assert env_of(wafsvc)["RULES"] in mounts
 
 
+def test_every_service_restarts_by_itself(compose):
+    """A killed wafsvc replica, a crashed gateway or HAProxy come back without
+    anyone (make test-compose SIGKILLs a replica and watches it return)."""
+    for name, service in compose["services"].items():
+        assert service.get("restart") in ("always", "unless-stopped"), f"{name} has no restart policy"
+
+
 def test_compose_waits_only_on_services_that_have_a_healthcheck(compose):
     services = compose["services"]
     for name, service in services.items():
@@ -179,7 +186,7 @@ def test_grafana_reads_the_prometheus_compose_runs(compose):
     url = next(d["url"] for d in datasources["datasources"] if d["type"] == "prometheus")
     host, port = url.split("//", 1)[1].rstrip("/").split(":")
     assert host in compose["services"]
-    assert f"{port}:{port}" in compose["services"][host]["ports"]
+    assert any(entry.split(":")[-1] == port for entry in compose["services"][host]["ports"])
 
 def test_compose_file_passes_docker_compose_config():
     binary = shutil.which("docker-compose")
@@ -217,6 +224,18 @@ def test_haproxy_accepts_the_cfg_with_the_deployed_environment(binary, which):
     result = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], env={"PATH": "/usr/bin:/bin", **checked},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+def test_haproxy_resolves_names_again_only_where_its_resolver_can():
+    """Compose: a recreated gateway container gets a new address, which
+    HAProxy must follow (RESOLVE_SERVERS on, the cfg's default). Kubernetes:
+    HAProxy's resolver ignores search domains, so the short Service name in
+    BACKEND_ADDR would stop resolving; Service addresses are stable (off)."""
+    default = re.search(r"^\s*presetenv\s+RESOLVE_SERVERS\s+(\S+)", HAPROXY_CFG.read_text(), re.M).group(1)
+    assert deployed_haproxy_env("compose").get("RESOLVE_SERVERS", default) == "on"
+    kubernetes = deployed_haproxy_env("kubernetes")
+    assert "." not in kubernetes["BACKEND_ADDR"].rsplit(":", 1)[0]
+    assert kubernetes["RESOLVE_SERVERS"] == "off"
+
 
 class _Captured(Exception):
     pass
@@ -287,6 +306,39 @@ def test_dockerfile_copies_only_files_that_exist_and_reach_the_context(dockerfil
         for source in line.split()[:-1]:
             assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} is missing"
             assert dockerignore_allows(source.rstrip("/")), f".dockerignore drops {source}"
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, HAPROXY_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfiles_build_offline(dockerfile):
+    """A `# syntax=` line makes BuildKit fetch its frontend image from Docker
+    Hub, even when every base image is local: mirrored builds fail."""
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile.read_text(), re.M | re.I)
+
+
+def stage_needs(all_stages: dict[str, str], name: str) -> set[str]:
+    """The stages `name` is built from (FROM, COPY --from), transitively."""
+    direct = set(re.findall(r"^FROM (\S+)", all_stages[name], re.M)) | set(
+        re.findall(r"^COPY --from=(\S+)", all_stages[name], re.M))
+    needed = set()
+    for stage in direct & set(all_stages):
+        needed |= {stage} | stage_needs(all_stages, stage)
+    return needed
+
+
+@pytest.mark.parametrize("target", ["backend", "gateway", "wafsvc"])
+def test_classic_builder_runs_only_what_the_target_needs(target):
+    """The classic builder builds every stage above the target: no stage up
+    there that the target does not need may install or download anything,
+    so the stdlib-only backend never runs a pip install or the CRS
+    download, and the gateway never fetches CRS."""
+    all_stages = stages(DOCKERFILE)
+    names = list(all_stages)
+    needed = stage_needs(all_stages, target)
+    assert needed, f"{target} is built from nothing?"
+    for name in names[:names.index(target)]:
+        if name not in needed:
+            for costly in ("pip install", "fetch_crs", "apt-get"):
+                assert costly not in all_stages[name], f"--target {target} also builds {name} ({costly})"
 
 
 def test_final_images_are_slim_debian_and_non_root():
