@@ -1,6 +1,7 @@
 # modsec-spoa: the commands a newcomer needs.
 #   make up      the whole stack in the foreground (HAProxy :8080)
 #   make test    unit + end-to-end tests (real HAProxy, gRPC, libmodsecurity, CRS)
+#   make test-compose   docker-compose.yml on a real Docker engine (as root; ~1.5 min, ~4 on a clean machine)
 #   make bench   modsec-spoa vs the raw engine, HAProxy alone and nginx + ModSecurity
 #   make conformance   the OWASP CRS regression suite (CRS_DIR, CRS_TESTS)
 PY := .venv/bin/python
@@ -8,7 +9,7 @@ CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-
 CRS_TESTS ?= $(CRS_DIR)/tests
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install up test test-unit test-e2e haproxy32 proto proto-check conformance bench clean fuzz soak
+.PHONY: install up test test-unit test-e2e test-compose haproxy32 proto proto-check conformance bench clean fuzz soak
 
 install:
 	@bash scripts/install.sh
@@ -21,7 +22,15 @@ up: install
 
 test: install
 	$(PY) -m wafapi.codegen --check
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/compose
+
+# Starts Debian's dockerd when no engine runs (and stops it after), builds
+# local stand-ins for base images it cannot pull, then runs the real
+# docker-compose.yml with 3 wafsvc replicas through faults (README, Docker
+# Compose). Measurements: run/compose/report.json.
+test-compose:
+	@bash scripts/install.sh compose
+	RUN_COMPOSE_TEST=1 $(PY) -m pytest -q tests/compose
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

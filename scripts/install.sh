@@ -3,6 +3,7 @@
 # Debian packages (HAProxy, CRS) and a Python venv in .venv.
 #   scripts/install.sh            runtime + test tools
 #   scripts/install.sh bench      also wrk, gcc (bench/openloop.c), nginx + ModSecurity-nginx + echo
+#   scripts/install.sh compose    also Debian's Docker engine and debootstrap (make test-compose)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,9 +13,12 @@ SUDO=""
 # prometheus: the tests check deploy/prometheus and run the dashboard's queries.
 PKGS=(haproxy modsecurity-crs docker-compose prometheus)
 [ "${1:-}" = bench ] && PKGS+=(wrk gcc libc6-dev nginx libnginx-mod-http-modsecurity libnginx-mod-http-echo)
+# The Compose test starts dockerd itself (with its own flags), never the service.
+[ "${1:-}" = compose ] && PKGS+=(docker.io debootstrap)
 missing=()
 for pkg in "${PKGS[@]}"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    # Installed, not merely known: a removed package keeps its config files.
+    [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
@@ -25,7 +29,7 @@ fi
 # Debian starts the packaged services on install; stop them so they do not
 # hold ports (HAProxy's default config) or CPU during tests and benchmarks.
 # Only the packaged service instances are stopped, never our own processes.
-for svc in haproxy nginx prometheus; do
+for svc in haproxy nginx prometheus docker; do
     if [ -n "${missing[*]:-}" ] && [ -x "/etc/init.d/$svc" ]; then
         $SUDO "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi

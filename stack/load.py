@@ -13,9 +13,10 @@ class Load:
     """Clients sending benign GETs through HAProxy on keep-alive
     connections, each recording every reply: status, WAF action and flag."""
 
-    def __init__(self, port: int, clients: int = 6, total: int | None = None) -> None:
+    def __init__(self, port: int, clients: int = 6, total: int | None = None, pause_s: float = 0.0) -> None:
         self.port = port
         self.total = total
+        self.pause_s = pause_s  # between one client's requests: a steady load that leaves CPU to spare
         # (status, X-Waf-Action, X-Waf-Failed, X-Waf-Error, seconds, started at)
         self.results: list[tuple[int, str, str, str, float, float]] = []
         self.errors: list[str] = []
@@ -72,6 +73,8 @@ class Load:
                 if conn is not None:
                     conn.close()
                 conn = None
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def bad(self) -> list:
         """Replies without a real verdict: failed, flagged, or not a pass."""
