@@ -21,7 +21,7 @@ import pytest
 
 from stack import free_port
 from tests.compose import standins
-from tests.compose.engine import Engine, inspect
+from tests.compose.engine import Engine, docker, inspect
 from tests.compose.project import (Mirror, Project, base_images, compose_file, crs_tarball, env_of,
                                    local_crs, wait_until)
 
@@ -58,6 +58,11 @@ def engine(say):
                              if e.started_here else "already running, left running"))
     REPORT["engine_started_here"] = e.started_here
     yield e
+    if e.started_here:
+        # An engine of the test's own (CI): drop the images each rebuild
+        # superseded, so runs do not pile them up. A running engine's are
+        # someone else's to manage.
+        docker("image", "prune", "-f", timeout=300)
     e.stop()
 
 

@@ -51,13 +51,12 @@ def settled_evaluations(project, containers) -> dict[str, float]:
     """Workers write their counts every 0.25 s: read until two reads agree."""
     def read():
         return {c.id: evaluations(project, c) for c in containers}
-    last = read()
-    while True:
-        time.sleep(0.6)
-        now = read()
-        if now == last and None not in now.values():
-            return now
-        last = now
+    reads = [read()]
+
+    def agreed():
+        reads.append(read())
+        return reads[-1] if reads[-1] == reads[-2] and None not in reads[-1].values() else None
+    return wait_until(agreed, timeout=30, what="the replicas' evaluation counts to settle", interval=0.6)
 
 
 def failures(load: Load) -> tuple[list, list]:
