@@ -52,9 +52,14 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
 
 async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     from wafsvc.metrics import observe
-    from wafsvc.service import build_server, server_credentials, set_serving
+    from wafsvc.responses import Responses
+    from wafsvc.service import build_server, server_credentials, set_serving, worker_name
 
-    observed = observe(engine)  # metrics (WAF_METRICS) and per-request logs
+    # Held transactions (response inspection) are this worker's own, so the
+    # store is made here, after the fork.
+    responses = Responses(engine, worker_name(replica_id), config.transaction_ttl_ms,
+                          config.max_held_transactions)
+    observed = observe(responses)  # metrics (WAF_METRICS) and per-request logs
     # Credentials are gRPC objects: built here, after the fork.
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert else None)
@@ -73,6 +78,7 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config) and observed.sync_rules())
+    housekeeping = asyncio.create_task(servicer.housekeeping())
     watchdog = None
     if config.worker_max_rss_mb:
         watchdog = asyncio.create_task(watch_rss(config.worker_max_rss_mb, stopping))
@@ -88,6 +94,8 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     await asyncio.sleep(0)  # let stop() send GOAWAY before the streams end
     servicer.drain()
     await stop
+    housekeeping.cancel()
+    responses.close_all()  # their audit entries are written; late responses miss
     observed.flush()  # counts tallied since the last flush
     log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
                                       "evaluations": servicer.evaluations,

@@ -85,6 +85,12 @@ OPTIONS = (
            "a request whose body arrived cut short (body_truncated): block = deny (403) after "
            "inspecting what arrived, allow = inspect what arrived and let it through; both "
            "report rule 99010", choices=("block", "allow")),
+    Option("transaction_ttl_ms", "WAF_TRANSACTION_TTL_MS", 35000,
+           "response inspection: how long a transaction kept by a request (inspect_response) waits for "
+           "its response before it ends (EXPIRED); keep it a little above HAProxy's 'timeout server'", int),
+    Option("max_held_transactions", "WAF_MAX_HELD_TRANSACTIONS", 2000,
+           "response inspection: most transactions one worker keeps for their responses; past it the "
+           "oldest ends (EVICTED). Each costs about 60 KB with CRS (README, Response inspection)", int),
     Option("tls_cert", "WAF_TLS_CERT", "",
            "server certificate chain (PEM); with WAF_TLS_KEY, gRPC is TLS only and plaintext is refused"),
     Option("tls_key", "WAF_TLS_KEY", "", "private key (PEM) of WAF_TLS_CERT"),
@@ -121,6 +127,8 @@ class WafConfig:
     audit_log_parts: str = "ABHZ"
     drain_grace_ms: int = 10000
     truncated_body: str = "block"
+    transaction_ttl_ms: int = 35000
+    max_held_transactions: int = 2000
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -164,6 +172,10 @@ class WafConfig:
             raise ConfigError("WAF_TLS_CLIENT_CA (mutual TLS) needs WAF_TLS_CERT and WAF_TLS_KEY")
         if self.truncated_body not in ("block", "allow"):
             raise ConfigError(f"WAF_TRUNCATED_BODY: {self.truncated_body!r} is not block or allow")
+        if not 0 < self.transaction_ttl_ms < 2**32:
+            raise ConfigError(f"WAF_TRANSACTION_TTL_MS must be 1 to {2**32 - 1} ms, got {self.transaction_ttl_ms}")
+        if self.max_held_transactions < 1:
+            raise ConfigError(f"WAF_MAX_HELD_TRANSACTIONS must be at least 1, got {self.max_held_transactions}")
         if self.worker_max_rss_mb < 0:
             raise ConfigError("WAF_WORKER_MAX_RSS_MB must be 0 (off) or a size in MiB")
 

@@ -1,8 +1,23 @@
-"""The ModSecurity engine: rule sets in, typed verdicts out. No gRPC here.
+"""The ModSecurity engine: rule sets in, transactions and typed verdicts out.
+No gRPC here.
 
 One Engine lives in each worker process. libmodsecurity holds the GIL for
 every call, so a worker evaluates one request at a time on one core; the
 service scales by processes, never threads.
+
+The engine API, for the gRPC service and other front ends (Envoy):
+
+- ``Engine.evaluate(req: EvaluateRequest, verdict=None) -> Verdict``: a
+  whole request, phases 1-2 and logging, in one call (the hot path).
+- ``Engine.begin(app="", ignore_rule_ids=(), transaction_id="") ->
+  Transaction``: a transaction to feed step by step: request headers, body
+  chunks, end of request, then response headers, body chunks, end of
+  response, close (wafsvc/transaction.py documents each step).
+- ``Engine.reload(specs)``: new rule sets; transactions already begun
+  finish on the rules they began with (``Engine.generation`` counts loads).
+
+Kept transactions and their handles live in wafsvc/responses.py (one store
+per worker, wafsvc/held.py); verdicts are built in wafsvc/phases.py.
 """
 
 from __future__ import annotations
@@ -16,29 +31,16 @@ from typing import Iterable, Mapping, Sequence
 import libmodsecurity
 
 from wafapi import waf_pb2
+from wafsvc.errors import EvaluationFailed, engine_error
+from wafsvc.phases import (TRUNCATED_BODY_MESSAGE, TRUNCATED_BODY_POLICIES, TRUNCATED_BODY_RULE_ID,  # noqa: F401
+                           TRUNCATED_BODY_STATUS, TRUNCATED_RESPONSE_BODY_RULE_ID, UNDECODABLE, Policy)
 from wafsvc.rules import RuleSetSpec, RulesError, compose
+from wafsvc.transaction import Transaction
 
 log = logging.getLogger("wafsvc.engine")
 
 CONNECTOR = "modsec-spoa wafsvc"
 DEFAULT_APP = ""
-
-# A body cut short before inspection (HAProxy hands SPOE at most one buffer)
-# is reported as this synthetic match, in ModSecurity's local-use id range,
-# so txn.modsec.rules and the logs say why a request was stopped or flagged.
-TRUNCATED_BODY_RULE_ID = 99010
-TRUNCATED_BODY_MESSAGE = "request body truncated before inspection"
-TRUNCATED_BODY_STATUS = 403
-TRUNCATED_BODY_POLICIES = ("block", "allow")
-
-
-class EvaluationFailed(Exception):
-    """The request cannot be evaluated; code is a grpc.StatusCode name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,11 @@ class Engine:
         self._modsec.set_log_callback(_discard)
         self._specs: Mapping[str, RuleSetSpec] = {}
         self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
+        self._policies: dict[str, Policy] = {}
         self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
         self._max_profiles = ignore_profiles
         self._preload = tuple(preload)
+        self.generation = 0  # successful loads so far; a transaction remembers its own
         # Reload outcomes (SIGHUP), read by logs and metrics.
         self.reload_successes = 0
         self.reload_failures = 0
@@ -97,6 +101,8 @@ class Engine:
                 raise RulesError(f"ignore list {ids}: no rule set named {app!r}")
             profiles[(app, ids)], _ = _load_rules_set(compose(specs[app], ids), f"ignore list {ids}")
         self._specs, self._rule_sets, self._profiles = dict(specs), fresh, profiles
+        self._policies = {app: Policy(spec.mode == "block", self.truncated_body) for app, spec in specs.items()}
+        self.generation += 1
         self.loaded = LoadedRules(counts, time.time())
         return self.loaded
 
@@ -121,7 +127,8 @@ class Engine:
             base = self._rule_sets[app]
         except KeyError:
             known = ", ".join(repr(name) for name in self._rule_sets)
-            raise EvaluationFailed("INVALID_ARGUMENT", f"unknown application {app!r}; configured: {known}") from None
+            raise EvaluationFailed("NOT_FOUND", f"unknown application {app!r}; configured: {known}",
+                                   waf_pb2.UNKNOWN_APPLICATION) from None
         ids = tuple(sorted(set(ignore_ids)))
         if not ids:
             return base
@@ -132,11 +139,12 @@ class Engine:
         profile = self._profiles.get(key)
         if profile is None:
             if 0 in ids:
-                raise EvaluationFailed("INVALID_ARGUMENT", "rule id 0 is not a valid rule id")
+                raise EvaluationFailed("INVALID_ARGUMENT", "rule id 0 is not a valid rule id",
+                                       waf_pb2.IGNORE_LIST_REFUSED)
             try:
                 profile, _ = _load_rules_set(compose(self._specs[app], ids), f"ignore list {ids}")
             except RulesError as exc:
-                raise EvaluationFailed("INVALID_ARGUMENT", str(exc)) from None
+                raise EvaluationFailed("INVALID_ARGUMENT", str(exc), waf_pb2.IGNORE_LIST_REFUSED) from None
             self._profiles[key] = profile
             if len(self._profiles) > self._max_profiles:
                 self._profiles.popitem(last=False)
@@ -145,93 +153,23 @@ class Engine:
             self._profiles.move_to_end(key)
         return profile
 
+    def begin(self, app: str = DEFAULT_APP, ignore_rule_ids: Iterable[int] = (),
+              transaction_id: str = "") -> Transaction:
+        """A new transaction on the application's rule set (minus the
+        ignored rule ids), to be fed step by step. Raises EvaluationFailed
+        (UNKNOWN_APPLICATION, IGNORE_LIST_REFUSED, ENGINE_ERROR)."""
+        rules = self._rules_for(app, ignore_rule_ids)
+        try:
+            return Transaction(self._modsec, rules, self._policies[app], transaction_id, app, self.generation)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise engine_error(exc) from None
+
     def evaluate(self, req: waf_pb2.EvaluateRequest,
                  verdict: waf_pb2.Verdict | None = None) -> waf_pb2.Verdict:
-        """Fills `verdict` (a fresh one by default) so that a batch can
-        evaluate straight into its response message without a copy."""
-        rules = self._rules_for(req.application, req.ignore_rule_ids)
-        started = time.perf_counter_ns()
-        try:
-            tx = libmodsecurity.Transaction(self._modsec, rules, req.transaction_id or None)
-            intervention = _run_request_phases(tx, req)
-            tx.process_logging()
-            messages = tx.get_rule_messages()
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise EvaluationFailed("INTERNAL", f"engine error: {exc}") from None
-        elapsed_us = (time.perf_counter_ns() - started) // 1000
-        if verdict is None:
-            verdict = waf_pb2.Verdict()
-        verdict.transaction_id = tx.id
-        verdict.engine_time_us = elapsed_us
-        if intervention is not None and intervention.disruptive:
-            verdict.intervention = True
-            verdict.status = intervention.status
-            verdict.log = intervention.log or ""
-            if intervention.url:
-                verdict.redirect_url = intervention.url
-                verdict.action = waf_pb2.ACTION_REDIRECT
-            else:
-                verdict.action = waf_pb2.ACTION_DENY
-        else:
-            verdict.action = waf_pb2.ACTION_PASS
-        add = verdict.matches.add
-        for msg in messages:
-            add(id=msg.rule_id, message=_text(msg, "message"), severity=msg.severity, tags=msg.tags,
-                matched_data=_text(msg, "data"), phase=msg.phase)
-        if req.body_truncated:
-            self._apply_truncation_policy(req, verdict)
-        return verdict
-
-    def _apply_truncation_policy(self, req: waf_pb2.EvaluateRequest, verdict: waf_pb2.Verdict) -> None:
-        """What arrived was inspected; the rest never will be, so an attack
-        could hide past the cut. Always say so; deny unless told to allow
-        (and never in detect mode, where nothing is denied)."""
-        declared = f"{req.content_length} declared" if req.content_length >= 0 else "no Content-Length"
-        verdict.matches.add(id=TRUNCATED_BODY_RULE_ID, message=TRUNCATED_BODY_MESSAGE, severity=2,
-                            tags=["modsec-spoa/truncated-body"], phase=2,
-                            matched_data=f"{len(req.body)} bytes inspected, {declared}")
-        blocking = self._specs.get(req.application, RuleSetSpec("")).mode == "block"
-        if self.truncated_body == "block" and blocking and not verdict.intervention:
-            verdict.intervention = True
-            verdict.status = TRUNCATED_BODY_STATUS
-            verdict.action = waf_pb2.ACTION_DENY
-            verdict.log = f"[id \"{TRUNCATED_BODY_RULE_ID}\"] {TRUNCATED_BODY_MESSAGE}"
-
-
-def _run_request_phases(tx: libmodsecurity.Transaction, req: waf_pb2.EvaluateRequest):
-    """Phases 1 and 2, stopping at the first disruptive intervention, as the
-    nginx connector does. Phase 2 always runs: CRS decides there (949110)."""
-    tx.process_connection(req.client_ip or "0.0.0.0", req.client_port,
-                          req.server_ip or "0.0.0.0", req.server_port)
-    tx.process_uri(req.uri, req.method, req.http_version or "1.1")
-    intervention = tx.intervention()
-    if intervention is not None and intervention.disruptive:
-        return intervention
-    add_header = tx.add_request_header
-    for header in req.headers:
-        add_header(header.name, header.value)
-    tx.process_request_headers()
-    intervention = tx.intervention()
-    if intervention is not None and intervention.disruptive:
-        return intervention
-    if req.body:
-        tx.append_request_body(req.body)
-    tx.process_request_body()
-    return tx.intervention()
-
-
-UNDECODABLE = "(not shown: holds bytes that are not UTF-8)"
-
-
-def _text(msg, field: str) -> str:
-    """A rule message's text. The binding decodes std::string strictly, so a
-    message or logdata quoting the request's own non-UTF-8 bytes raises: an
-    attacker could otherwise turn a match into an engine failure (a pass
-    under the open failure policy) just by adding a \\xff next to the attack."""
-    try:
-        return getattr(msg, field)
-    except UnicodeDecodeError:
-        return UNDECODABLE
+        """A whole request: phases 1-2 and logging. Fills `verdict` (a fresh
+        one by default) so that a batch can evaluate straight into its
+        response message without a copy."""
+        return self.begin(req.application, req.ignore_rule_ids, req.transaction_id).run_request(req, verdict)
 
 
 def _discard(_message: str) -> None:

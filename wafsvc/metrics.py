@@ -10,7 +10,8 @@ scrape with MultiProcessCollector. When a worker exits, its live gauges are
 dropped (mark_process_dead); its counters stay, so totals never go back.
 
 Workers see requests through ObservedEngine, a thin wrapper around the
-engine: the gRPC service is unchanged and metrics cost one extra call.
+engine (and its held-transaction store, wafsvc/responses.py): the gRPC
+service is unchanged and metrics cost one extra call.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import sys
 import tempfile
 from typing import Callable
 
-from wafsvc.engine import EvaluationFailed
+from wafsvc.errors import EvaluationFailed
 from wafsvc.lifetime import die_with_parent
+from wafsvc.responses import TransactionMiss
 
 log = logging.getLogger("wafsvc.requests")
 
@@ -60,8 +62,18 @@ class WafMetrics:
         self.rule_matches = Counter("modsec_waf_rule_matches", "rule matches by rule set, rule id, and whether "
                                     "the request was blocked", ["app", "rule_id", "outcome"], registry=r)
         self.invalid = Counter("modsec_waf_invalid_requests", "requests not inspected whole: body truncated "
-                               "before inspection, or refused/failed by the engine (error code)",
+                               "before inspection, or refused/failed by the engine (ErrorReason)",
                                ["app", "reason"], registry=r)
+        self.responses = Counter("modsec_waf_response_evaluations", "responses of held transactions evaluated, "
+                                 "by rule set and verdict (pass, block, match, error)", ["app", "verdict"],
+                                 registry=r)
+        self.misses = Counter("modsec_waf_response_misses", "responses whose held transaction was not there: "
+                              "expired, evicted, reloaded, unknown, other_worker", ["reason"], registry=r)
+        self.held = Gauge("modsec_waf_held_transactions", "transactions held for their response",
+                          multiprocess_mode="livesum", registry=r)
+        self.evictions = Counter("modsec_waf_held_transaction_evictions", "held transactions ended without "
+                                 "their response: expired (TTL), evicted (count cap), reloaded, shutdown",
+                                 ["reason"], registry=r)
         self.engine_seconds = Histogram("modsec_waf_engine_duration_seconds", "libmodsecurity work for one "
                                         "request (phases 1-2 and logging)", ["app"], buckets=ENGINE_BUCKETS,
                                         registry=r)
@@ -105,6 +117,8 @@ class ObservedEngine:
         self._counts: dict = {}                  # counter child -> pending increments
         self._observed: dict = {}                # histogram child -> [count per bucket..., sum]
         self._flush_scheduled = False
+        self._store = getattr(engine, "store", None)     # held transactions, when responses are inspected
+        self._evicted = {}                               # store.ended at the last flush
         if metrics is not None:
             self._bounds = metrics.engine_seconds._upper_bounds   # ends with +Inf
             metrics.rules(engine.loaded)
@@ -113,7 +127,11 @@ class ObservedEngine:
         return getattr(self._engine, name)
 
     def sync_rules(self) -> None:
-        """After a reload: the rules gauges describe what now serves."""
+        """After a reload: held transactions learn of it (wafsvc/responses.py),
+        and the rules gauges describe what now serves."""
+        reloaded = getattr(self._engine, "rules_reloaded", None)
+        if reloaded is not None:
+            reloaded()
         if self._metrics is not None:
             self._metrics.rules(self._engine.loaded)
 
@@ -133,9 +151,61 @@ class ObservedEngine:
             log.debug("request evaluated", extra={**self._event(req, verdict), "verdict": kind})
         return verdict
 
+    def evaluate_response(self, resp, verdict=None):
+        try:
+            verdict = self._engine.evaluate_response(resp, verdict)
+        except TransactionMiss as exc:
+            if self._metrics is not None:
+                self._add(self._child(self._metrics.misses, exc.reason_name.lower().removeprefix("transaction_")))
+                self._schedule_flush()
+            if self._info:
+                log.info("response without its held transaction", extra={
+                    "unique_id": resp.transaction_id, "reason": exc.reason_name})
+            raise
+        except EvaluationFailed as exc:
+            if self._metrics is not None:
+                self._add(self._child(self._metrics.responses, "_unknown", ERROR))
+                self._schedule_flush()
+            log.warning("response evaluation failed", extra={"unique_id": resp.transaction_id,
+                                                              "code": exc.code, "reason": exc.reason_name,
+                                                              "error": exc.message})
+            raise
+        kind = verdict_kind(verdict)
+        app = verdict.application or "default"
+        if self._metrics is not None:
+            add = self._add
+            add(self._child(self._metrics.responses, app, kind))
+            if verdict.body_truncated:
+                add(self._child(self._metrics.invalid, app, "response_body_truncated"))
+            if kind != PASS:
+                outcome = "blocked" if kind == BLOCK else "passed"
+                for match in verdict.matches:
+                    add(self._child(self._metrics.rule_matches, app, str(match.id), outcome))
+            self._schedule_flush()
+        if kind == BLOCK:
+            if self._info:
+                log.info("response blocked", extra=self._event(resp, verdict, app))
+        elif self._debug:
+            log.debug("response evaluated", extra={**self._event(resp, verdict, app), "verdict": kind})
+        return verdict
+
+    def housekeeping(self) -> None:
+        """Every second, from the worker's event loop: expired held
+        transactions end, and the gauges and counts reach the shared files."""
+        sweep = getattr(self._engine, "sweep", None)
+        if sweep is not None:
+            sweep()
+        self.flush()
+
     def flush(self) -> None:
         """Writes the tallies to the shared metric files."""
         self._flush_scheduled = False
+        if self._store is not None and self._metrics is not None:
+            self._metrics.held.set(len(self._store))
+            for reason, total in self._store.ended.items():
+                if total != self._evicted.get(reason, 0):
+                    self._metrics.evictions.labels(reason.value).inc(total - self._evicted.get(reason, 0))
+                    self._evicted[reason] = total
         counts, self._counts = self._counts, {}
         for child, amount in counts.items():
             child.inc(amount)
@@ -196,14 +266,16 @@ class ObservedEngine:
             # Unknown application names are client input: not a label.
             label = app if app in self._engine.loaded.rule_counts else "_unknown"
             self._add(self._child(self._metrics.evaluations, label, ERROR))
-            self._add(self._child(self._metrics.invalid, label, exc.code.lower()))
+            self._add(self._child(self._metrics.invalid, label, exc.reason_name.lower()))
             self._schedule_flush()
         log.warning("evaluation failed", extra={"unique_id": req.transaction_id, "app": app,
-                                                "code": exc.code, "error": exc.message})
+                                                "code": exc.code, "reason": exc.reason_name,
+                                                "error": exc.message})
 
     @staticmethod
-    def _event(req, verdict) -> dict:
-        return {"unique_id": req.transaction_id, "app": req.application or "default",
+    def _event(req, verdict, app: str = "") -> dict:
+        return {"unique_id": req.transaction_id or verdict.transaction_id,
+                "app": app or req.application or "default",
                 "status": verdict.status, "rules": [m.id for m in verdict.matches],
                 "engine_us": verdict.engine_time_us}
 

@@ -1,4 +1,5 @@
-"""The gRPC face of one worker: Evaluate, EvaluateStream, health, reflection.
+"""The gRPC face of one worker: Evaluate, EvaluateResponse, EvaluateStream,
+health, reflection.
 
 Evaluation runs inline on the event loop. The engine holds the GIL for the
 whole call, so a thread pool would add switching cost and no parallelism.
@@ -7,6 +8,12 @@ Every stream starts with initial metadata naming this worker, its replica and
 how many workers the replica has: the gateway balances per worker and opens
 more connections until it has reached every worker (SO_REUSEPORT hashes each
 connection to one worker, so coverage is luck unless someone checks).
+A response (EvaluateResponse, or a `response` item on a stream) must reach
+the worker that holds its transaction: the handle starts with that name.
+
+Every failure carries its ErrorReason: unary calls abort with the status
+code and the trailing metadata "x-waf-error-reason"; stream items come back
+as EvaluationError with code and reason.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from grpc_reflection.v1alpha import reflection
 
 from common.secrets import read_pem
 from wafapi import waf_pb2, waf_pb2_grpc
-from wafsvc.engine import Engine, EvaluationFailed
+from wafsvc.engine import Engine
+from wafsvc.errors import EvaluationFailed
 
 log = logging.getLogger("wafsvc.service")
 
@@ -34,15 +42,27 @@ SERVICE_NAME = waf_pb2.DESCRIPTOR.services_by_name["Waf"].full_name
 WORKER_METADATA = "x-waf-worker"      # unique per worker process
 REPLICA_METADATA = "x-waf-replica"    # unique per replica (supervisor)
 WORKERS_METADATA = "x-waf-workers"    # worker processes in that replica
+ERROR_REASON_METADATA = "x-waf-error-reason"   # trailing metadata of a failed unary call
 PARTIAL_FLUSH_S = 0.05  # well under the gateway's GATEWAY_HEDGE_MS
+HOUSEKEEPING_S = 1.0    # expired held transactions end within this of their TTL
+DRAINING = EvaluationFailed("UNAVAILABLE", "this worker is draining; retry elsewhere", waf_pb2.DRAINING)
+
+
+def worker_name(replica_id: str = "") -> str:
+    """This worker process's "x-waf-worker" name: "<replica>/<pid>"."""
+    return f"{replica_id or default_replica()}/{os.getpid()}"
+
+
+def default_replica() -> str:
+    return f"{socket.gethostname()}/{os.getppid()}"
 
 
 class WafServicer(waf_pb2_grpc.WafServicer):
     def __init__(self, engine: Engine, replica_id: str = "", workers: int = 1) -> None:
         self.engine = engine
         self.draining = False
-        self.replica_id = replica_id or f"{socket.gethostname()}/{os.getppid()}"
-        self.worker_id = f"{self.replica_id}/{os.getpid()}"
+        self.replica_id = replica_id or default_replica()
+        self.worker_id = worker_name(self.replica_id)
         self.workers = workers
         self.evaluations = 0   # requests evaluated by this worker (tests, metrics)
         self.streams = 0       # EvaluateStream calls open now
@@ -52,17 +72,47 @@ class WafServicer(waf_pb2_grpc.WafServicer):
 
     async def Evaluate(self, request: waf_pb2.EvaluateRequest, context: grpc.aio.ServicerContext) -> waf_pb2.Verdict:
         try:
+            if self.draining:
+                raise DRAINING
             verdict = self.engine.evaluate(request)
         except EvaluationFailed as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+            await _abort(context, exc)
+        except Exception as exc:  # a bug: fail this call with a reason, as the stream does
+            log.exception("evaluation failed unexpectedly")
+            await _abort(context, _unexpected(exc))
         self.evaluations += 1
         return verdict
+
+    async def EvaluateResponse(self, request: waf_pb2.ResponseRequest,
+                               context: grpc.aio.ServicerContext) -> waf_pb2.Verdict:
+        try:
+            if self.draining:
+                raise DRAINING
+            verdict = self.engine.evaluate_response(request)
+        except EvaluationFailed as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            log.exception("response evaluation failed unexpectedly")
+            await _abort(context, _unexpected(exc))
+        self.evaluations += 1
+        return verdict
+
+    async def housekeeping(self) -> None:
+        """Runs until cancelled: held transactions past their TTL end even
+        when no request comes, and metrics reach the shared files."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                self.engine.housekeeping()
+            except Exception:  # never let the sweeper die: held memory would grow unbounded
+                log.exception("housekeeping failed")
 
     async def EvaluateStream(self, request_iterator, context: grpc.aio.ServicerContext):
         await context.send_initial_metadata(self._metadata)
         if self.draining:
             return
         evaluate = self.engine.evaluate
+        evaluate_response = self.engine.evaluate_response
         requests = request_iterator.__aiter__()
         handler = asyncio.current_task()
         self.streams += 1
@@ -98,16 +148,20 @@ class WafServicer(waf_pb2_grpc.WafServicer):
                         flush_at = time.monotonic() + PARTIAL_FLUSH_S
                     result = out.verdicts.add(ref=item.ref)
                     try:
-                        evaluate(item.request, result.verdict)
+                        kind = item.WhichOneof("item")
+                        if kind == "request":
+                            evaluate(item.request, result.verdict)
+                        elif kind == "response":
+                            evaluate_response(item.response, result.verdict)
+                        else:
+                            raise EvaluationFailed("INVALID_ARGUMENT", "batch item holds neither a request "
+                                                   "nor a response", waf_pb2.FIELD_INVALID)
                         self.evaluations += 1
                     except EvaluationFailed as exc:
-                        result.error.code = exc.code
-                        result.error.message = exc.message
+                        _set_error(result, exc)
                     except Exception as exc:  # a bug: fail this request, not the whole stream
                         log.exception("evaluation failed unexpectedly")
-                        result.ClearField("verdict")
-                        result.error.code = "INTERNAL"
-                        result.error.message = f"unexpected {type(exc).__name__}"
+                        _set_error(result, _unexpected(exc))
                 yield out
                 if self.draining:
                     return  # what was read is answered; the gateway reopens elsewhere
@@ -120,6 +174,22 @@ class WafServicer(waf_pb2_grpc.WafServicer):
         self.draining = True
         for handler in list(self._idle):
             handler.cancel()
+
+
+def _unexpected(exc: Exception) -> EvaluationFailed:
+    return EvaluationFailed("INTERNAL", f"unexpected {type(exc).__name__}", waf_pb2.ENGINE_ERROR)
+
+
+def _set_error(result: waf_pb2.BatchVerdict, exc: EvaluationFailed) -> None:
+    result.ClearField("verdict")  # a partly filled verdict must not travel
+    result.error.code = exc.code
+    result.error.message = exc.message
+    result.error.reason = exc.reason
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: EvaluationFailed) -> None:
+    await context.abort(getattr(grpc.StatusCode, exc.code), exc.message,
+                        trailing_metadata=((ERROR_REASON_METADATA, exc.reason_name),))
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -246,7 +246,7 @@ def test_observed_engine_counts_and_logs(engine, caplog):
     assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 2
     assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="pass") == 1
     assert value(registry, "modsec_waf_evaluations_total", app="_unknown", verdict="error") == 1
-    assert value(registry, "modsec_waf_invalid_requests_total", app="_unknown", reason="invalid_argument") == 1
+    assert value(registry, "modsec_waf_invalid_requests_total", app="_unknown", reason="unknown_application") == 1
     assert value(registry, "modsec_waf_invalid_requests_total", app="default", reason="body_truncated") == 1
     assert value(registry, "modsec_waf_engine_duration_seconds_count", app="default") == 3
     assert value(registry, "modsec_waf_rules_loaded", app="default") == engine.loaded.rule_counts[""]
