@@ -26,7 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import libmodsecurity
 
@@ -61,15 +61,19 @@ def _load_rules_set(text: str, what: str) -> tuple[libmodsecurity.RulesSet, int]
 class Engine:
     def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
                  truncated_body: str = "block",
-                 preload: Sequence[tuple[str, tuple[int, ...]]] = ()) -> None:
+                 preload: Sequence[tuple[str, tuple[int, ...]]] = (),
+                 server_log: Callable[[str], None] | None = None) -> None:
         if truncated_body not in TRUNCATED_BODY_POLICIES:
             raise ValueError(f"truncated_body must be block or allow, got {truncated_body!r}")
         self.truncated_body = truncated_body
         self._modsec = libmodsecurity.ModSecurity()
         self._modsec.set_connector_information(CONNECTOR)
         # Without a callback libmodsecurity prints every match to stderr;
-        # matches reach us through get_rule_messages() instead.
-        self._modsec.set_log_callback(_discard)
+        # matches reach us through get_rule_messages() instead. `server_log`
+        # gets the lines a web server would write to its error log: they
+        # include matches of rules marked noauditlog (CRS's 980170 report),
+        # which get_rule_messages() leaves out.
+        self._modsec.set_log_callback(server_log or _discard)
         self._specs: Mapping[str, RuleSetSpec] = {}
         self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
         self._policies: dict[str, Policy] = {}

@@ -103,8 +103,8 @@ class Responses:
             raise self._miss(MISS_REASONS[gone.reason], handle) from None
 
     def _foreign(self, handle: str) -> int:
-        worker, sep, _ = handle.rpartition("#")
-        if not sep or not worker:
+        worker, sep, token = handle.rpartition("#")
+        if not sep or not worker or not token:
             raise invalid_field(f"malformed transaction_handle {handle!r}: expected '<worker>#<token>'")
         if worker == self.worker_id:
             return waf_pb2.TRANSACTION_UNKNOWN   # this worker, but not this life of it

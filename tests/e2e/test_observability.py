@@ -312,12 +312,12 @@ def test_unknown_application_is_an_engine_error(obs):
         sock.sendall(encode_notify(1, 1, [Message("check-request", args)]))
         assert sock.recv(4096)
     gw, waf = scrape(obs, "gateway"), settled_waf(obs)
-    assert (gw.total("modsec_gateway_failures_total", reason="invalid_argument")
-            - gw0.total("modsec_gateway_failures_total", reason="invalid_argument")) == 1
+    assert (gw.total("modsec_gateway_failures_total", reason="not_found")
+            - gw0.total("modsec_gateway_failures_total", reason="not_found")) == 1
     assert (gw.total("modsec_gateway_invalid_requests_total", reason="engine_error")
             - gw0.total("modsec_gateway_invalid_requests_total", reason="engine_error")) == 1
-    assert (gw.total("modsec_gateway_grpc_errors_total", code="INVALID_ARGUMENT")
-            - gw0.total("modsec_gateway_grpc_errors_total", code="INVALID_ARGUMENT")) == 1
+    assert (gw.total("modsec_gateway_grpc_errors_total", code="NOT_FOUND")
+            - gw0.total("modsec_gateway_grpc_errors_total", code="NOT_FOUND")) == 1
     assert (waf.total("modsec_waf_evaluations_total", app="_unknown", verdict="error")
             - waf0.total("modsec_waf_evaluations_total", app="_unknown", verdict="error")) == 1
     assert "no-such-app" not in waf.labels("modsec_waf_evaluations_total", "app")

@@ -254,7 +254,7 @@ def test_observed_engine_counts_and_logs(engine, caplog):
     blocked = [r for r in caplog.records if r.getMessage() == "request blocked"]
     assert [r.unique_id for r in blocked] == ["uid-127.0.0.1", "uid-10.0.0.1"]
     failed = [r for r in caplog.records if r.getMessage() == "evaluation failed"]
-    assert failed[0].unique_id == "uid-10.0.0.2" and failed[0].code == "INVALID_ARGUMENT"
+    assert failed[0].unique_id == "uid-10.0.0.2" and failed[0].code == "NOT_FOUND"
 
 
 def test_rule_matches_are_labelled_by_rule_id(engine):
