@@ -2,16 +2,21 @@
 
 - StackMode: raw bytes to HAProxy over a socket; the matched rule ids come
   back in that request's own response (X-Waf-Rules, set by the shipped
-  haproxy.cfg when WAF_DEBUG_HEADERS is defined).
+  haproxy.cfg when WAF_DEBUG_HEADERS is defined). Response-phase tests are
+  skipped until the stack inspects responses (`inspects_responses=True`,
+  with the response verdict's ids in the response, then judges them too).
 - EngineMode: the same bytes split the way a server would, straight into
-  wafsvc.engine.Engine in this process, built from the same settings.
+  wafsvc.engine.Engine in this process, built from the same settings. Every
+  request is kept for its response (inspect_response), and the response
+  albedo would give (conformance/albedo.py) runs phases 3-4 on the same
+  transaction, as the product does when a frontend inspects responses.
 """
 
 from __future__ import annotations
 
 import time
 
-from conformance import rawhttp
+from conformance import albedo, rawhttp
 from conformance.auditlog import AuditLog, render_messages
 from conformance.judge import Observation
 
@@ -21,9 +26,11 @@ RETRIES = 3  # a request the stack could not evaluate (X-Waf-Failed) is sent aga
 class StackMode:
     name = "stack"
 
-    def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None,
+                 inspects_responses: bool = False) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self.audit_log = audit_log
+        self.inspects_responses = inspects_responses
         self.retried = 0
 
     def observe(self, raw: bytes, needs_log: bool = False) -> Observation:
@@ -60,19 +67,21 @@ class StackMode:
 
 class EngineMode:
     name = "engine"
+    inspects_responses = True
 
     def __init__(self, environ: dict[str, str]) -> None:
         from wafsvc.__main__ import rule_specs
         from wafsvc.config import WafConfig
         from wafsvc.engine import Engine
+        from wafsvc.responses import Responses
 
         config = WafConfig.from_args([], environ=environ)
-        self.engine = Engine(rule_specs(config))
+        self.engine = Responses(Engine(rule_specs(config)), "conformance/0/0", config.transaction_ttl_ms, 16)
         self._seq = 0
 
     def observe(self, raw: bytes, needs_log: bool = False) -> Observation:
         from wafapi import waf_pb2
-        from wafsvc.engine import EvaluationFailed
+        from wafsvc.errors import EvaluationFailed
 
         req = rawhttp.parse_request(raw)
         self._seq += 1
@@ -80,11 +89,18 @@ class EngineMode:
             transaction_id=f"conformance-{self._seq}",
             client_ip="127.0.0.1", client_port=40000, server_ip="127.0.0.1", server_port=80,
             method=req.method, uri=req.uri.encode("latin-1"), http_version=req.version,
-            headers=[waf_pb2.Header(name=n, value=v) for n, v in req.headers], body=req.body)
+            headers=[waf_pb2.Header(name=n, value=v) for n, v in req.headers], body=req.body,
+            inspect_response=True)
         try:
             verdict = self.engine.evaluate(message)
+            matches = list(verdict.matches)
+            if verdict.transaction_handle:
+                reply = albedo.respond(req.method, req.uri, req.body)
+                matches += self.engine.evaluate_response(waf_pb2.ResponseRequest(
+                    transaction_handle=verdict.transaction_handle, status=reply.status,
+                    headers=[waf_pb2.Header(name=n, value=v) for n, v in reply.headers], body=reply.body,
+                    content_length=len(reply.body), transaction_id=message.transaction_id)).matches
         except EvaluationFailed as exc:
             return Observation(error=f"engine: {exc.message}")
-        text = render_messages((m.id, m.message, m.matched_data, m.severity) for m in verdict.matches)
-        return Observation(matched_ids=[m.id for m in verdict.matches], log_text=text)
-
+        text = render_messages((m.id, m.message, m.matched_data, m.severity) for m in matches)
+        return Observation(matched_ids=[m.id for m in matches], log_text=text)

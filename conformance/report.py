@@ -63,7 +63,8 @@ def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, r
         "setup": {k: (_rel(v) if k in ("CRS_DIR", "CRS_SETUP") else v) for k, v in environ.items()},
         "how_counted": ("passed/failed/skipped per test (all stages). pass_rate = passed / (passed + failed). "
                         "Stack overrides count as skipped; counts_without_overrides judges them against "
-                        "the tests' own expectations. Skipped: response-phase tests, and checks a mode cannot "
+                        "the tests' own expectations. Skipped: response-phase tests in a mode that does not "
+                        "inspect responses (the stack, for now), and checks a mode cannot "
                         "observe (engine: HTTP status and connection errors; stack: 'no rule matched' on a "
                         "request HAProxy answered itself, log text without a unique-id)."),
         "modes": mode_summary,

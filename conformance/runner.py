@@ -3,7 +3,8 @@
 Which tests a mode can judge follows from the suite's layout and the
 tests' own checks, never from test ids:
 - RESPONSE-* rule files, and tests whose ids belong to response rules, need
-  response inspection, which the product does not do yet: skipped.
+  response inspection: skipped in a mode that does not inspect responses
+  (its `inspects_responses` is False).
 - checks a mode cannot observe are left out (see judge.py).
 Overrides (stack only) come from overrides.yaml, each with its reason.
 """
@@ -20,7 +21,7 @@ from conformance import rawhttp
 from conformance.ftw import Test
 from conformance.judge import FAIL, PASS, SKIP, Judgement, Observation, combine, judge
 
-RESPONSE_REASON = "response phases are not inspected (SPOE is request-side only)"
+RESPONSE_REASON = "response phases are not inspected in this mode"
 
 
 def response_rule_ids(crs_dir: str) -> set[int]:
@@ -70,7 +71,7 @@ def _stage_record(seen: Observation) -> dict:
 def run_test(mode, test: Test, response_ids: set[int], overrides: dict) -> TestResult:
     if test.load_error:
         return TestResult(FAIL, [test.load_error])
-    if needs_response_phase(test, response_ids):
+    if not getattr(mode, "inspects_responses", False) and needs_response_phase(test, response_ids):
         return TestResult(SKIP, [RESPONSE_REASON])
     observations = [mode.observe(rawhttp.build_request(stage.input),
                                  needs_log=bool(stage.output.match_regex or stage.output.no_match_regex))

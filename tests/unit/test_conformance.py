@@ -101,3 +101,35 @@ def test_layout_is_the_contract(tmp_path):
 def test_shipped_overrides_file_loads():
     overrides = load_overrides(pathlib.Path(__file__).parents[2] / "conformance" / "overrides.yaml", "2.6.12")
     assert overrides and all(o.reason and o.category for o in overrides.values())
+
+
+# -- albedo's answers, for the in-process response phases ---------------------------
+
+@pytest.mark.parametrize("body,content_type", [
+    (b"ViewStateException: Invalid viewstate detected.", "text/plain; charset=utf-8"),
+    (b"  <html><head><title>x</title>", "text/html; charset=utf-8"),
+    (b"<!-- Simple PHP backdoor -->", "text/html; charset=utf-8"),
+    (b"<h1>.:NCC:. Shell v", "text/html; charset=utf-8"),
+    (b"<?php echo 1; ?>", "text/plain; charset=utf-8"),     # not markup Go knows: text
+    (b"<?xml version='1.0'?><a/>", "text/xml; charset=utf-8"),
+    (b"<htmlx>", "text/plain; charset=utf-8"),             # a signature needs a space or '>' after it
+    (b"\x00\x01binary", "application/octet-stream"),
+])
+def test_albedo_sniffs_content_types_like_go(body, content_type):
+    from conformance.albedo import detect_content_type
+    assert detect_content_type(body) == content_type
+
+
+def test_albedo_reflects_the_spec_and_refuses_bad_ones():
+    from conformance.albedo import respond
+    reply = respond("POST", "/reflect", b'{"status": 503, "headers": {"X-A": "1"}, "body": "<p>down</p>"}')
+    assert reply.status == 503 and reply.body == b"<p>down</p>"
+    assert (b"X-A", b"1") in reply.headers and (b"Content-Type", b"text/html; charset=utf-8") in reply.headers
+    assert respond("POST", "/reflect", b'{"encodedBody": "aGk="}').body == b"hi"
+    assert respond("POST", "/reflect", b'{"body": "x", "headers": {"Content-Type": "image/png"}}').headers[0] == \
+        (b"Content-Type", b"image/png")
+    bad = respond("POST", "/reflect", b"<%- sidebar.id %>")
+    assert (bad.status, bad.body) == (400, b"Invalid JSON in request body")
+    assert respond("POST", "/reflect", b'{"status": 99}').status == 400
+    assert respond("POST", "/post", b"anything").body == b""
+    assert respond("GET", "/reflect", b"").status == 200   # only POST reflects
