@@ -1,57 +1,91 @@
-"""CPU per request of the in-process engine (bench.engine_run: the bench's
-mixes through Engine.evaluate, no network) in two checkouts, alternating,
-so that a change to the hot path can be judged on a shared machine.
+"""CPU per request of the whole-request hot path (Engine.evaluate) before
+and after a change to wafsvc/engine.py, measured in ONE process that
+alternates between the two engines, so that a shared, busy machine
+disturbs both alike (separate processes a few seconds apart do not).
 
-    git worktree add /tmp/before <commit>
-    python scripts/engine_before_after.py --before /tmp/before --after . --rounds 5
+    git worktree add /tmp/before <commit>      # or: git archive <commit> | tar -x -C /tmp/before
+    python scripts/engine_before_after.py --before /tmp/before --rounds 40
 
-Each round runs every mix once per checkout, in alternating order; the
-figure per checkout is the minimum over rounds (the least disturbed run).
-Prints one JSON document.
+The "before" engine is /tmp/before/wafsvc/engine.py with that tree's
+rules/modsecurity.conf; the "after" one is this checkout's. Both evaluate
+the bench's mixes (bench/workloads.py, mapped as the gateway maps them).
+Per mix and engine: the minimum and median over rounds of CPU time per
+request. Prints one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import pathlib
-import subprocess
+import statistics
 import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import workloads  # noqa: E402
+from bench.rulesets import TRIVIAL_RULES, default_crs_dir  # noqa: E402
+from gateway import mapping  # noqa: E402
+from wafsvc.engine import Engine  # noqa: E402
+from wafsvc.rules import RuleSetSpec  # noqa: E402
 
 
-def run(tree: pathlib.Path, mix: str, rules: str, seconds: float, crs_dir: str) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-m", "bench.engine_run", "--rules", rules, "--mix", mix, "--seconds", str(seconds)]
-    if crs_dir:
-        argv += ["--crs-dir", crs_dir]
-    out = json.loads(subprocess.run(argv, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout)
-    return out["cpu_s"] / out["evaluations"] * 1e6
+def engine_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location("engine_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["engine_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def specs(tree: pathlib.Path, rules: str, crs_dir: str) -> dict:
+    base = str(tree / "rules" / "modsecurity.conf")
+    if rules == "crs":
+        return {"": RuleSetSpec(base_conf=base, crs_dir=crs_dir, paranoia=1)}
+    return {"": RuleSetSpec(base_conf=base, rules_file=str(TRIVIAL_RULES))}
+
+
+def cpu_per_request(engine, requests, repeat: int) -> float:
+    evaluate = engine.evaluate
+    started = time.process_time()
+    for _ in range(repeat):
+        for req in requests:
+            evaluate(req)
+    return (time.process_time() - started) / (repeat * len(requests)) * 1e6
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", required=True)
-    parser.add_argument("--after", default=".")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--before", required=True, help="a checkout of the earlier commit")
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--rules", default="crs", choices=("crs", "trivial"))
     parser.add_argument("--mixes", default="benign,attack")
     parser.add_argument("--crs-dir", default="")
     args = parser.parse_args(argv)
-    trees = {"before": pathlib.Path(args.before).resolve(), "after": pathlib.Path(args.after).resolve()}
-    samples = {mix: {name: [] for name in trees} for mix in args.mixes.split(",")}
-    for n in range(args.rounds):
-        order = list(trees) if n % 2 == 0 else list(reversed(trees))
-        for mix in samples:
-            for name in order:
-                samples[mix][name].append(round(run(trees[name], mix, args.rules, args.seconds, args.crs_dir), 1))
-    result = {"rules": args.rules, "rounds": args.rounds, "seconds_per_run": args.seconds,
-              "trees": {k: str(v) for k, v in trees.items()}, "us_per_request": {}}
-    for mix, by_tree in samples.items():
-        low = {name: min(values) for name, values in by_tree.items()}
-        result["us_per_request"][mix] = {"min": low, "samples": by_tree,
-                                         "after_vs_before": round(low["after"] / low["before"], 4)}
+    before_tree = pathlib.Path(args.before).resolve()
+    crs_dir = args.crs_dir or default_crs_dir()
+    engines = {"before": engine_module(before_tree / "wafsvc" / "engine.py").Engine(specs(before_tree, args.rules,
+                                                                                              crs_dir)),
+               "after": Engine(specs(ROOT, args.rules, crs_dir))}
+    repeat = 6 if args.rules == "crs" else 300   # a round is about a tenth of a second per engine
+    result = {"rules": args.rules, "crs_dir": crs_dir if args.rules == "crs" else "", "rounds": args.rounds,
+              "before": str(before_tree), "us_per_request": {}}
+    for mix in args.mixes.split(","):
+        requests = [mapping.build_request(workloads.spoe_args(req, i))[0]
+                    for i, req in enumerate(workloads.MIXES[mix])]
+        for engine in engines.values():
+            cpu_per_request(engine, requests, repeat)          # warm: PCRE JIT, allocator
+        samples = {name: [] for name in engines}
+        for n in range(args.rounds):
+            for name in (("before", "after") if n % 2 == 0 else ("after", "before")):
+                samples[name].append(cpu_per_request(engines[name], requests, repeat))
+        low = {name: round(min(values), 1) for name, values in samples.items()}
+        result["us_per_request"][mix] = {
+            "min": low, "median": {name: round(statistics.median(v), 1) for name, v in samples.items()},
+            "after_vs_before_min": round(low["after"] / low["before"], 4)}
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

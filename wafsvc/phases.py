@@ -31,6 +31,11 @@ class Policy:
     blocking: bool = True          # MODE=block (False: DetectionOnly)
     truncated_body: str = "block"  # block or allow (TRUNCATED_BODY_POLICIES)
 
+    @property
+    def denies_truncated(self) -> bool:
+        """A body cut short is denied (unless a rule already decided)."""
+        return self.truncated_body == "block" and self.blocking
+
 
 def fill(verdict: waf_pb2.Verdict, transaction_id: str, intervention, messages, elapsed_us: int) -> waf_pb2.Verdict:
     """Writes one side's outcome into `verdict`: action from the
@@ -66,7 +71,7 @@ def flag_truncated(verdict: waf_pb2.Verdict, policy: Policy, response: bool, ins
     verdict.body_truncated = True
     verdict.matches.add(id=rule_id, message=message, severity=2, tags=[TRUNCATED_BODY_TAG], phase=phase,
                         matched_data=f"{inspected} bytes inspected, {declared}")
-    if policy.truncated_body == "block" and policy.blocking and not verdict.intervention:
+    if policy.denies_truncated and not verdict.intervention:
         verdict.intervention = True
         verdict.status = TRUNCATED_BODY_STATUS
         verdict.action = waf_pb2.ACTION_DENY

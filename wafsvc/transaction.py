@@ -176,16 +176,54 @@ class Transaction:
                 self._intervened()
         except ENGINE_ERRORS as exc:
             raise engine_error(exc) from None
-        self._ns += time.perf_counter_ns() - started
-        return self._request_verdict(verdict, body_truncated, content_length, keep)
+        return self._request_verdict(verdict, started, body_truncated, content_length, keep)
 
-    def _request_verdict(self, verdict, body_truncated: bool, content_length: int, keep: bool) -> waf_pb2.Verdict:
+    def run_request(self, req: waf_pb2.EvaluateRequest, verdict: waf_pb2.Verdict | None = None,
+                    keep: bool = False) -> waf_pb2.Verdict:
+        """The whole request from one message: phases 1 and 2, stopping at
+        the first disruptive intervention as the nginx connector does.
+        The hot path: as few Python calls between engine calls as possible."""
+        if self._state != NEW:
+            self._expect(NEW)
         started = time.perf_counter_ns()
-        kept = keep and self._decision is None
+        tx = self._tx
+        try:
+            tx.process_connection(req.client_ip or "0.0.0.0", req.client_port,
+                                  req.server_ip or "0.0.0.0", req.server_port)
+            self.http_version = req.http_version or "1.1"
+            tx.process_uri(req.uri, req.method, self.http_version)
+            decision = tx.intervention()
+            if decision is None or not decision.disruptive:
+                add_header = tx.add_request_header
+                for header in req.headers:
+                    add_header(header.name, header.value)
+                tx.process_request_headers()
+                decision = tx.intervention()
+                if decision is None or not decision.disruptive:
+                    body = req.body
+                    if body:
+                        tx.append_request_body(body)
+                        self._request_bytes = len(body)
+                    tx.process_request_body()
+                    decision = tx.intervention()
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc) from None
+        if decision is not None and decision.disruptive:
+            self._decision = decision
+        self._state = REQUEST
+        return self._request_verdict(verdict, started, req.body_truncated, req.content_length, keep)
+
+    def _request_verdict(self, verdict, started: int, body_truncated: bool, content_length: int,
+                         keep: bool) -> waf_pb2.Verdict:
+        """Logging unless the transaction stays open, then the verdict. A
+        request that is denied (by a rule or by the truncation policy) is
+        never kept: it has no response phase."""
+        kept = keep and self._decision is None and not (body_truncated and self.policy.denies_truncated)
+        tx = self._tx
         try:
             if not kept:
-                self._tx.process_logging()
-            messages = self._tx.get_rule_messages()
+                tx.process_logging()
+            messages = tx.get_rule_messages()
         except ENGINE_ERRORS as exc:
             raise engine_error(exc) from None
         elapsed = self._ns + time.perf_counter_ns() - started
@@ -196,42 +234,11 @@ class Transaction:
             flag_truncated(verdict, self.policy, False, self._request_bytes, content_length)
         if self.app:
             verdict.application = self.app
-        if kept and not verdict.intervention:
-            # Kept (the truncation policy may still have denied it: then not).
+        if kept:
             self._state, self._request_matches, self._ns = KEPT, len(messages), 0
         else:
             self._finish()
         return verdict
-
-    def run_request(self, req: waf_pb2.EvaluateRequest, verdict: waf_pb2.Verdict | None = None,
-                    keep: bool = False) -> waf_pb2.Verdict:
-        """The whole request from one message: phases 1 and 2, stopping at
-        the first disruptive intervention as the nginx connector does."""
-        self._expect(NEW)
-        started = time.perf_counter_ns()
-        tx = self._tx
-        try:
-            tx.process_connection(req.client_ip or "0.0.0.0", req.client_port,
-                                  req.server_ip or "0.0.0.0", req.server_port)
-            self.http_version = req.http_version or "1.1"
-            tx.process_uri(req.uri, req.method, self.http_version)
-            if not self._intervened():
-                add_header = tx.add_request_header
-                for header in req.headers:
-                    add_header(header.name, header.value)
-                tx.process_request_headers()
-                if not self._intervened():
-                    body = req.body
-                    if body:
-                        tx.append_request_body(body)
-                        self._request_bytes = len(body)
-                    tx.process_request_body()
-                    self._intervened()
-        except ENGINE_ERRORS as exc:
-            raise engine_error(exc) from None
-        self._state = REQUEST
-        self._ns = time.perf_counter_ns() - started
-        return self._request_verdict(verdict, req.body_truncated, req.content_length, keep)
 
     # -- the response ------------------------------------------------------
     def response_headers(self, status: int, headers, http_version: str = "") -> bool:
@@ -291,10 +298,16 @@ class Transaction:
 
     def run_response(self, resp: waf_pb2.ResponseRequest,
                      verdict: waf_pb2.Verdict | None = None) -> waf_pb2.Verdict:
-        """The whole response from one message: phases 3 and 4, then logging."""
-        if not self.response_headers(resp.status, ((h.name, h.value) for h in resp.headers), resp.http_version):
-            if resp.body:
-                self.response_body(resp.body)
+        """The whole response from one message: phases 3 and 4, then logging.
+        A failure ends the transaction (logged) before it is raised."""
+        try:
+            if not self.response_headers(resp.status, ((h.name, h.value) for h in resp.headers),
+                                         resp.http_version):
+                if resp.body:
+                    self.response_body(resp.body)
+        except Exception:
+            self.close()
+            raise
         return self.end_response(verdict, body_truncated=resp.body_truncated, content_length=resp.content_length)
 
     # -- the end -----------------------------------------------------------

@@ -330,3 +330,11 @@ def test_an_intervention_mid_body_stops_the_feed():
     assert results[0] is False and all(results[1:])
     verdict = tx.end_request(keep=True)
     assert verdict.intervention and "body limit" in verdict.log and tx.closed
+
+
+def test_a_request_denied_for_its_truncated_body_is_not_kept():
+    engine = Engine({"": RuleSetSpec(base_conf=BASE, extra_directives="SecRuleEngine On")})
+    responses = Responses(engine, WORKER, 35000, 10)
+    verdict = responses.evaluate(request(method="POST", body=b"a=1", body_truncated=True, content_length=99999))
+    assert verdict.intervention and verdict.matches[-1].id == 99010
+    assert not verdict.transaction_handle and len(responses.store) == 0
