@@ -45,7 +45,6 @@ WORKERS_METADATA = "x-waf-workers"    # worker processes in that replica
 ERROR_REASON_METADATA = "x-waf-error-reason"   # trailing metadata of a failed unary call
 PARTIAL_FLUSH_S = 0.05  # well under the gateway's GATEWAY_HEDGE_MS
 HOUSEKEEPING_S = 1.0    # expired held transactions end within this of their TTL
-DRAINING = EvaluationFailed("UNAVAILABLE", "this worker is draining; retry elsewhere", waf_pb2.DRAINING)
 
 
 def worker_name(replica_id: str = "") -> str:
@@ -72,8 +71,8 @@ class WafServicer(waf_pb2_grpc.WafServicer):
 
     async def Evaluate(self, request: waf_pb2.EvaluateRequest, context: grpc.aio.ServicerContext) -> waf_pb2.Verdict:
         try:
-            if self.draining:
-                raise DRAINING
+            if request.inspect_response and self.draining:
+                raise _draining()
             verdict = self.engine.evaluate(request)
         except EvaluationFailed as exc:
             await _abort(context, exc)
@@ -86,8 +85,8 @@ class WafServicer(waf_pb2_grpc.WafServicer):
     async def EvaluateResponse(self, request: waf_pb2.ResponseRequest,
                                context: grpc.aio.ServicerContext) -> waf_pb2.Verdict:
         try:
-            if self.draining:
-                raise DRAINING
+            # Answered while draining too: the held transactions are still
+            # here until the worker exits.
             verdict = self.engine.evaluate_response(request)
         except EvaluationFailed as exc:
             await _abort(context, exc)
@@ -150,7 +149,10 @@ class WafServicer(waf_pb2_grpc.WafServicer):
                     try:
                         kind = item.WhichOneof("item")
                         if kind == "request":
-                            evaluate(item.request, result.verdict)
+                            request = item.request
+                            if request.inspect_response and self.draining:
+                                raise _draining()
+                            evaluate(request, result.verdict)
                         elif kind == "response":
                             evaluate_response(item.response, result.verdict)
                         else:
@@ -174,6 +176,13 @@ class WafServicer(waf_pb2_grpc.WafServicer):
         self.draining = True
         for handler in list(self._idle):
             handler.cancel()
+
+
+def _draining() -> EvaluationFailed:
+    """A request to keep, on a worker about to exit: its response would miss,
+    so it is refused (UNAVAILABLE, retryable) for a live worker to take."""
+    return EvaluationFailed("UNAVAILABLE", "this worker is draining and keeps no new transactions; retry "
+                            "elsewhere", waf_pb2.DRAINING)
 
 
 def _unexpected(exc: Exception) -> EvaluationFailed:
