@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from modsec_spoa_client import (TLS, Action, AsyncClient, AuthError, Client, HttpRequest, InvalidRequest,
-                                WafError, WafTimeout, WafUnavailable)
+from modsec_spoa_client import (TLS, Action, AsyncClient, AuthError, Client, ErrorReason, HttpRequest,
+                                UnknownApplication, WafError, WafTimeout, WafUnavailable)
 from stack import free_port
 from tests.e2e.tls_certs import SERVER_NAME, make_pki
 from tests.e2e.wafsvc_only import start_wafsvc, target
@@ -85,10 +85,10 @@ def test_stream_item_errors_are_typed_and_leave_the_stream_open(waf):
     with Client(target=waf) as client, client.stream() as stream:
         bad = stream.submit(HttpRequest("GET", "/", application="no-such-app"))
         good = stream.submit(ATTACK)
-        with pytest.raises(InvalidRequest) as caught:
+        with pytest.raises(UnknownApplication) as caught:
             bad.result(5)
         assert good.result(5).blocked
-    assert caught.value.code == "INVALID_ARGUMENT"
+    assert (caught.value.code, caught.value.reason) == ("NOT_FOUND", ErrorReason.UNKNOWN_APPLICATION)
 
 
 def test_nothing_listening_is_unavailable_within_the_deadline():
