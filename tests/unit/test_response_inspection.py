@@ -338,3 +338,24 @@ def test_a_request_denied_for_its_truncated_body_is_not_kept():
     verdict = responses.evaluate(request(method="POST", body=b"a=1", body_truncated=True, content_length=99999))
     assert verdict.intervention and verdict.matches[-1].id == 99010
     assert not verdict.transaction_handle and len(responses.store) == 0
+
+
+def test_a_5_mb_upload_streamed_in_chunks_with_crs(crs_engine):
+    """Envoy's STREAMED body mode: a multipart upload fed 64 KB at a time.
+    The file passes; an injection in a form field after it is found."""
+    def upload(field: bytes) -> waf_pb2.Verdict:
+        body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.bin\"\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n" + b"\x5a" * (5 * 1024 * 1024) +
+                b"\r\n--b0undary\r\nContent-Disposition: form-data; name=\"comment\"\r\n\r\n" + field +
+                b"\r\n--b0undary--\r\n")
+        tx = crs_engine.begin(transaction_id="upload")
+        headers = [*BROWSER, (b"content-type", b"multipart/form-data; boundary=b0undary"),
+                   (b"content-length", str(len(body)).encode())]
+        assert not tx.request_headers("POST", b"/upload", "2.0", headers)
+        for offset in range(0, len(body), 65536):
+            if tx.request_body(body[offset:offset + 65536]):
+                break
+        return tx.end_request()
+    assert upload(b"nice shoes").action == waf_pb2.ACTION_PASS
+    blocked = upload(b"1' UNION SELECT username, password FROM users--")
+    assert blocked.intervention and 949110 in ids(blocked)
