@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from modsec_spoa_client.client import Client
-from modsec_spoa_client.config import TLS, ClientConfig
+from modsec_spoa_client.config import TLS, ClientConfig, token_from
 from modsec_spoa_client.errors import WafError
 from modsec_spoa_client.har import InputError, requests_in
 from modsec_spoa_client.models import HttpRequest, Verdict
@@ -40,6 +40,8 @@ def _config(target, app_settings) -> ClientConfig:
         config = ClientConfig.from_env(**({"target": target} if target else {}))
         if "deadline_ms" in overrides:
             config = config.replace(deadline=overrides.pop("deadline_ms") / 1000)
+        if "token_file" in overrides:
+            config = config.replace(token=token_from(overrides.pop("token_file")))
         if tls_fields:
             base = config.tls or TLS()
             config = config.replace(tls=TLS(**{**base.__dict__, **tls_fields}))
@@ -49,7 +51,8 @@ def _config(target, app_settings) -> ClientConfig:
 
 
 def connection_options(command):
-    """--target and friends; each also reads its MODSEC_SPOA_* variable."""
+    """--target and friends: the client's settings (README, configuration
+    reference), each also read from its MODSEC_SPOA_* variable."""
     for decorator in reversed([
         click.option("--target", envvar="MODSEC_SPOA_TARGET", show_envvar=True,
                      help="wafsvc: HOST:PORT, dns:///NAME:PORT or ipv4:IP:PORT,IP:PORT [default 127.0.0.1:50051]"),
@@ -58,6 +61,10 @@ def connection_options(command):
         click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="client certificate (mTLS)"),
         click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="client key (mTLS)"),
         click.option("--tls-server-name", help="name to verify in wafsvc's certificate"),
+        click.option("--token-file", type=click.Path(exists=True, dir_okay=False), help="wafsvc's bearer token"),
+        click.option("--retries", type=click.IntRange(min=0), help="more attempts on another replica [2]"),
+        click.option("--max-body-bytes", type=click.IntRange(min=0),
+                     help="cut longer bodies and flag them truncated [131072; 0 = whole]"),
     ]):
         command = decorator(command)
     return command

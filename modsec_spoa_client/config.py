@@ -95,7 +95,9 @@ class ClientConfig:
             if opt.dest.startswith("tls_"):
                 tls[opt.dest[4:]] = value
             elif opt.dest == "token_file":
-                values["token"] = _token_from(value)
+                values["token"] = token_from(value)
+            elif opt.dest == "deadline_ms":
+                values["deadline"] = value / 1000
             else:
                 values[opt.dest] = value
         if tls:
@@ -164,16 +166,12 @@ def grpc_target(target: str | Sequence[str]) -> str:
     return ("ipv4:" if families == {4} else "ipv6:") + ",".join(addresses)
 
 
-def _token_from(path: str) -> str:
+def token_from(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         token = f.read().strip()
     if not token:
         raise ValueError(f"{path} is empty")
     return token
-
-
-def _seconds_from_ms(text: str) -> float:
-    return int(text) / 1000
 
 
 @dataclass(frozen=True)
@@ -200,8 +198,8 @@ ENVIRONMENT = (
     EnvOption("tls_server_name", "MODSEC_SPOA_TLS_SERVER_NAME", "",
               "name to verify in wafsvc's certificate instead of the target's host"),
     EnvOption("token_file", "MODSEC_SPOA_TOKEN_FILE", "", "file holding wafsvc's bearer token (WAF_TOKEN_FILE)"),
-    EnvOption("deadline", "MODSEC_SPOA_DEADLINE_MS", 1000, "time allowed for one verdict, retries included (ms)",
-              _seconds_from_ms),
+    EnvOption("deadline_ms", "MODSEC_SPOA_DEADLINE_MS", 1000, "time allowed for one verdict, retries included (ms)",
+              int),
     EnvOption("retries", "MODSEC_SPOA_RETRIES", 2, "more attempts after a retryable failure, on another replica",
               int),
     EnvOption("max_body_bytes", "MODSEC_SPOA_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES,

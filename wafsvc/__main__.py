@@ -30,6 +30,7 @@ from common.secrets import read_secret
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
 from wafsvc.lifetime import die_with_parent
+from wafsvc.limits import IgnoreListBudget
 from wafsvc.rules import RuleSetSpec, RulesError
 
 log = logging.getLogger("wafsvc")
@@ -51,6 +52,7 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
 
 
 async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
+    from wafsvc.limits import Limited, Limits
     from wafsvc.metrics import observe
     from wafsvc.responses import Responses
     from wafsvc.service import build_server, server_credentials, set_serving, worker_name
@@ -59,7 +61,11 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     # store is made here, after the fork.
     responses = Responses(engine, worker_name(replica_id), config.transaction_ttl_ms,
                           config.max_held_transactions)
-    observed = observe(responses)  # metrics (WAF_METRICS) and per-request logs
+    # Every request and response is checked before the engine runs (limits,
+    # bytes the engine would cut); refusals are counted by observe() too.
+    checked = Limited(responses, Limits(config.max_headers, config.max_header_bytes, config.max_uri_bytes,
+                                        config.max_body_bytes))
+    observed = observe(checked)  # metrics (WAF_METRICS) and per-request logs
     # Credentials are gRPC objects: built here, after the fork.
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert else None)
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return config_error("wafsvc", f"WAF_TOKEN_FILE: {exc}")
     try:
         engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body,
-                        preload=config.ignore_preload)
+                        preload=config.ignore_preload,
+                        ignore_budget=IgnoreListBudget(config.ignore_new_lists_per_min))
     except RulesError as exc:
         log.error("cannot load rules", extra={"error": str(exc)})
         if exporter is not None:

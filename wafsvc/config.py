@@ -71,8 +71,21 @@ OPTIONS = (
            "fork, instead of on their first request: the txn.ignorerules values of your "
            "frontends, ';' between lists, APP: before a list for a named rule set "
            "(e.g. '942100;920350 942100')", _ignore_lists),
+    Option("ignore_new_lists_per_min", "WAF_IGNORE_NEW_LISTS_PER_MIN", 6,
+           "ignored-rule lists not in WAF_IGNORE_PRELOAD that one worker compiles on demand per minute "
+           "(~70 ms each with CRS, on its event loop); beyond it they are refused (IGNORE_LIST_REFUSED); "
+           "0 = preloaded lists only", int),
     Option("max_request_bytes", "WAF_MAX_REQUEST_BYTES", 4 * 1024 * 1024,
            "largest gRPC message accepted", int),
+    Option("max_headers", "WAF_MAX_HEADERS", 128,
+           "most headers in a request or response (LIMIT_HEADER_COUNT); HAProxy sends at most 101", int),
+    Option("max_header_bytes", "WAF_MAX_HEADER_BYTES", 80 * 1024,
+           "most bytes of header names and values (LIMIT_HEADER_BYTES); HAProxy's head fits tune.bufsize", int),
+    Option("max_uri_bytes", "WAF_MAX_URI_BYTES", 80 * 1024,
+           "longest URI (LIMIT_URI_BYTES); HAProxy's fits tune.bufsize", int),
+    Option("max_body_bytes", "WAF_MAX_BODY_BYTES", 128 * 1024,
+           "largest body inspected (LIMIT_BODY_BYTES): callers cut longer ones and set body_truncated, as "
+           "HAProxy (tune.bufsize, 64 KiB shipped) and the Python client do", int),
     Option("audit_log", "WAF_AUDIT_LOG", "",
            "ModSecurity audit log file: JSON, one line per relevant transaction (a rule with 'log' "
            "matched), keyed by HAProxy's unique-id; shared safely by all workers; empty = off"),
@@ -122,7 +135,12 @@ class WafConfig:
     extra_directives: str = ""
     ignore_profiles: int = 32
     ignore_preload: tuple = ()
+    ignore_new_lists_per_min: int = 6
     max_request_bytes: int = 4 * 1024 * 1024
+    max_headers: int = 128
+    max_header_bytes: int = 80 * 1024
+    max_uri_bytes: int = 80 * 1024
+    max_body_bytes: int = 128 * 1024
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
     drain_grace_ms: int = 10000
@@ -155,6 +173,19 @@ class WafConfig:
             raise ConfigError("WAF_IGNORE_PROFILES must be at least 1")
         if len(self.ignore_preload) > self.ignore_profiles:
             raise ConfigError("WAF_IGNORE_PRELOAD has more lists than WAF_IGNORE_PROFILES keeps")
+        if self.ignore_new_lists_per_min < 0:
+            raise ConfigError("WAF_IGNORE_NEW_LISTS_PER_MIN must be 0 (preloaded lists only) or more")
+        limits = (("WAF_MAX_HEADERS", self.max_headers), ("WAF_MAX_HEADER_BYTES", self.max_header_bytes),
+                  ("WAF_MAX_URI_BYTES", self.max_uri_bytes), ("WAF_MAX_BODY_BYTES", self.max_body_bytes))
+        for name, value in limits:
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        # A request within every limit must fit one gRPC message, or it would
+        # fail in gRPC (RESOURCE_EXHAUSTED) with no reason instead of a limit.
+        largest = self.max_header_bytes + self.max_uri_bytes + self.max_body_bytes + 4 * self.max_headers + 4096
+        if largest > self.max_request_bytes:
+            raise ConfigError(f"WAF_MAX_REQUEST_BYTES ({self.max_request_bytes}) must hold a request within "
+                              f"the limits (about {largest} bytes): raise it with the WAF_MAX_* limits")
         known_apps = {""} | set(self.apps)
         for app, _ in self.ignore_preload:
             if app not in known_apps:

@@ -32,6 +32,7 @@ import libmodsecurity
 
 from wafapi import waf_pb2
 from wafsvc.errors import EvaluationFailed, engine_error
+from wafsvc.limits import IgnoreListBudget
 from wafsvc.phases import (TRUNCATED_BODY_MESSAGE, TRUNCATED_BODY_POLICIES, TRUNCATED_BODY_RULE_ID,  # noqa: F401
                            TRUNCATED_BODY_STATUS, TRUNCATED_RESPONSE_BODY_RULE_ID, UNDECODABLE, Policy)
 from wafsvc.rules import RuleSetSpec, RulesError, compose
@@ -62,7 +63,8 @@ class Engine:
     def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
                  truncated_body: str = "block",
                  preload: Sequence[tuple[str, tuple[int, ...]]] = (),
-                 server_log: Callable[[str], None] | None = None) -> None:
+                 server_log: Callable[[str], None] | None = None,
+                 ignore_budget: IgnoreListBudget | None = None) -> None:
         if truncated_body not in TRUNCATED_BODY_POLICIES:
             raise ValueError(f"truncated_body must be block or allow, got {truncated_body!r}")
         self.truncated_body = truncated_body
@@ -80,6 +82,9 @@ class Engine:
         self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
         self._max_profiles = ignore_profiles
         self._preload = tuple(preload)
+        # Lists that are not preloaded are compiled on demand (~70 ms with CRS,
+        # on the event loop) only within this budget; None: no limit (in-process use).
+        self._ignore_budget = ignore_budget
         self.generation = 0  # successful loads so far; a transaction remembers its own
         # Reload outcomes (SIGHUP), read by logs and metrics.
         self.reload_successes = 0
@@ -145,6 +150,11 @@ class Engine:
             if 0 in ids:
                 raise EvaluationFailed("INVALID_ARGUMENT", "rule id 0 is not a valid rule id",
                                        waf_pb2.IGNORE_LIST_REFUSED)
+            if (self._ignore_budget is not None and (app, ids) not in self._preload
+                    and not self._ignore_budget.take()):
+                raise EvaluationFailed("RESOURCE_EXHAUSTED", f"ignore list {ids} is not preloaded "
+                                       "(WAF_IGNORE_PRELOAD) and this worker's budget of new lists "
+                                       "(WAF_IGNORE_NEW_LISTS_PER_MIN) is spent", waf_pb2.IGNORE_LIST_REFUSED)
             try:
                 profile, _ = _load_rules_set(compose(self._specs[app], ids), f"ignore list {ids}")
             except RulesError as exc:

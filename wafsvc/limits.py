@@ -165,3 +165,25 @@ class IgnoreListBudget:
             self._tokens -= 1
             return True
         return False
+
+
+class Limited:
+    """The engine as the service sees it, with every request and response
+    checked first: the one place the checks run, whatever the call (unary
+    or stream, request or response). Everything else passes through."""
+
+    def __init__(self, engine, limits: Limits) -> None:
+        self._engine = engine
+        self.limits = limits
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def evaluate(self, req: waf_pb2.EvaluateRequest, verdict: waf_pb2.Verdict | None = None) -> waf_pb2.Verdict:
+        check_request(req, self.limits)
+        return self._engine.evaluate(req, verdict)
+
+    def evaluate_response(self, resp: waf_pb2.ResponseRequest,
+                          verdict: waf_pb2.Verdict | None = None) -> waf_pb2.Verdict:
+        check_response(resp, self.limits)
+        return self._engine.evaluate_response(resp, verdict)

@@ -40,7 +40,7 @@ def stub(waf):
 
 def base(**fields) -> waf_pb2.EvaluateRequest:
     req = waf_pb2.EvaluateRequest(method="GET", uri=b"/", client_ip="192.0.2.1", server_ip="192.0.2.2",
-                                  content_length=-1)
+                                  content_length=-1, ignore_rule_ids=fields.pop("ignore_rule_ids", ()))
     headers = fields.pop("headers", [(b"host", b"shop")])
     for key, value in fields.items():
         setattr(req, key, value)
