@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from modsec_spoa_client import (TLS, Action, AsyncClient, AuthError, Client, ErrorReason, HttpRequest,
-                                UnknownApplication, WafError, WafTimeout, WafUnavailable)
+from modsec_spoa_client import (TLS, Action, AsyncClient, AuthError, Client, ErrorReason, HttpRequest, HttpResponse,
+                                TransactionLost, UnknownApplication, WafError, WafTimeout, WafUnavailable)
 from stack import free_port
 from tests.e2e.tls_certs import SERVER_NAME, make_pki
 from tests.e2e.wafsvc_only import start_wafsvc, target
@@ -89,6 +89,43 @@ def test_stream_item_errors_are_typed_and_leave_the_stream_open(waf):
             bad.result(5)
         assert good.result(5).blocked
     assert (caught.value.code, caught.value.reason) == ("NOT_FOUND", ErrorReason.UNKNOWN_APPLICATION)
+
+
+LEAK = HttpResponse(200, headers=[("Content-Type", "text/plain"), ("X-Leak", "1")], body=b"secret")
+CLEAN = HttpResponse(200, headers=[("Content-Type", "text/plain")], body=b"fine")
+
+
+def test_response_inspection_reaches_the_worker_holding_the_transaction(waf):
+    # Two workers, two pinned connections: each response must find its own worker.
+    with Client(target=waf) as client:
+        verdicts = [client.evaluate(BENIGN, inspect_response=True) for _ in range(20)]
+        assert all(v.allowed and v.transaction_handle for v in verdicts)
+        assert client.evaluate(ATTACK, inspect_response=True).transaction_handle == ""  # blocked: not kept
+        outcomes = [client.evaluate_response(v, LEAK if i % 2 else CLEAN) for i, v in enumerate(verdicts)]
+        assert [o.blocked for o in outcomes] == [bool(i % 2) for i in range(20)]
+        assert outcomes[1].status == 502 and 2001 in outcomes[1].rule_ids
+        with pytest.raises(TransactionLost) as used:
+            client.evaluate_response(verdicts[0], CLEAN)  # a transaction is used once
+        assert used.value.reason is ErrorReason.TRANSACTION_UNKNOWN
+    with Client(target=waf) as other, pytest.raises(TransactionLost) as foreign:
+        other.evaluate_response(verdicts[0], CLEAN)  # this client has no connection to that worker yet
+    assert foreign.value.reason is ErrorReason.TRANSACTION_OTHER_WORKER
+
+
+def test_response_inspection_on_streams(waf):
+    with Client(target=waf) as client, client.stream() as stream:
+        kept = stream.evaluate(BENIGN, inspect_response=True)
+        assert kept.transaction_handle.startswith(stream.worker + "#")
+        assert stream.evaluate_response(kept, LEAK).blocked
+
+    async def run():
+        async with AsyncClient(target=waf) as client:
+            unary = await client.evaluate(BENIGN, inspect_response=True)
+            async with client.stream() as s:
+                kept = await s.evaluate(BENIGN, inspect_response=True)
+                return await client.evaluate_response(unary, CLEAN), await s.evaluate_response(kept, LEAK)
+    clean, leak = asyncio.run(run())
+    assert clean.allowed and leak.blocked and leak.rule_ids == (2001,)
 
 
 def test_nothing_listening_is_unavailable_within_the_deadline():

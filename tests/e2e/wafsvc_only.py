@@ -13,6 +13,7 @@ RULES = """\
 SecRule ARGS|REQUEST_BODY|REQUEST_HEADERS|REQUEST_URI "@contains attack" \\
     "id:1001,phase:2,deny,status:403,log,msg:'attack marker'"
 SecRule REQUEST_HEADERS:x-probe "@contains probe" "id:1002,phase:1,pass,log,msg:'probe seen'"
+SecRule RESPONSE_HEADERS:x-leak "@streq 1" "id:2001,phase:3,deny,status:502,log,msg:'response leak'"
 """
 
 
