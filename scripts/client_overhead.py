@@ -6,6 +6,10 @@ real wafsvc (started here: one worker, one trivial rule).
 CPU is this process's user+system time (all its threads, gRPC's included)
 divided by the evaluations; wafsvc runs in its own process and is not
 counted. Rounds alternate the modes; the minimum and median are printed.
+Modes: unary = one blocking Client, calls one after another; stream =
+Client.stream().evaluate_many (256 in flight, up to 16 per message);
+aio_unary_x16 = AsyncClient, 16 tasks calling at once; aio_stream =
+AsyncClient.stream().evaluate_all, 256 at a time.
 """
 
 from __future__ import annotations
@@ -84,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", help="also write the JSON here (e.g. docs/client_overhead.json)")
     args = parser.parse_args()
+    load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         rules = pathlib.Path(tmp, "rules.conf")
         rules.write_text(RULE)
@@ -107,8 +113,13 @@ def main() -> None:
             stack.stop()
     summary = {mode: {"min_us": round(min(v), 1), "median_us": round(statistics.median(v), 1)}
                for mode, v in results.items()}
-    print(json.dumps({"requests_per_round": args.requests, "rounds": args.rounds,
-                      "client_cpu_per_evaluate": summary}, indent=2))
+    report = json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "load_average_before": load_before, "cpus": os.cpu_count(),
+                         "requests_per_round": args.requests, "rounds": args.rounds,
+                         "client_cpu_per_evaluate": summary}, indent=2)
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).write_text(report + "\n")
 
 
 if __name__ == "__main__":
