@@ -83,6 +83,14 @@ def test_a_body_past_the_inspection_limit_reaches_the_app_whole(app):
     assert 99010 in [m["id"] for m in seen["verdict"]["matches"]]
 
 
+def test_a_request_wafsvc_refuses_gets_400(app):
+    # Past WAF_MAX_HEADERS (128): wafsvc refuses to judge it (LIMIT_HEADER_COUNT),
+    # so it must not pass uninspected, whatever the failure policy.
+    headers = [("Host", "shop")] + [(f"X-H{i}", "v") for i in range(140)]
+    reply = http_request(app, path="/", headers=headers)
+    assert reply.status == 400, reply.body
+
+
 @pytest.mark.parametrize("kind", sorted(SERVERS))
 @pytest.mark.parametrize("policy, status", [("closed", 503), ("open", 200)])
 def test_waf_down_applies_the_failure_policy(kind, policy, status):
