@@ -80,8 +80,9 @@ class AsyncEvaluationStream:
             self._open()
         self._queue.put_nowait(message)
         try:
-            return await asyncio.wait_for(future, self._config.deadline)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self._config.deadline):  # no task per call, unlike wait_for
+                return await future
+        except TimeoutError:
             raise WafTimeout("no verdict within the deadline", code="DEADLINE_EXCEEDED") from None
         finally:
             if self._pending.get(message.ref) is item and future.cancelled():
