@@ -84,7 +84,7 @@ OPTIONS = (
     Option("max_uri_bytes", "WAF_MAX_URI_BYTES", 80 * 1024,
            "longest URI (LIMIT_URI_BYTES); HAProxy's fits tune.bufsize", int),
     Option("max_body_bytes", "WAF_MAX_BODY_BYTES", 128 * 1024,
-           "largest body inspected (LIMIT_BODY_BYTES): callers cut longer ones and set body_truncated, as "
+           "largest request body inspected (LIMIT_BODY_BYTES): callers cut longer ones and set body_truncated, as "
            "HAProxy (tune.bufsize, 64 KiB shipped) and the Python client do", int),
     Option("audit_log", "WAF_AUDIT_LOG", "",
            "ModSecurity audit log file: JSON, one line per relevant transaction (a rule with 'log' "

@@ -74,9 +74,9 @@ def _check_headers(headers, limits: Limits, what: str) -> None:
                                                   f"{limits.max_header_bytes} allowed (WAF_MAX_HEADER_BYTES)")
 
 
-def _check_body(body: bytes, content_length: int, limits: Limits, what: str) -> None:
+def _check_body(body: bytes, content_length: int, limits: Limits) -> None:
     if len(body) > limits.max_body_bytes:
-        raise _refuse(waf_pb2.LIMIT_BODY_BYTES, f"{what} body of {len(body)} bytes, more than the "
+        raise _refuse(waf_pb2.LIMIT_BODY_BYTES, f"request body of {len(body)} bytes, more than the "
                                                 f"{limits.max_body_bytes} allowed (WAF_MAX_BODY_BYTES); cut it "
                                                 f"and set body_truncated to have the rest judged by policy")
     if content_length < -1:
@@ -114,7 +114,7 @@ def check_request(req: waf_pb2.EvaluateRequest, limits: Limits) -> None:
         raise _refuse(waf_pb2.LIMIT_URI_BYTES, f"URI of {len(req.uri)} bytes, more than the "
                                                f"{limits.max_uri_bytes} allowed (WAF_MAX_URI_BYTES)")
     _check_headers(req.headers, limits, "request")
-    _check_body(req.body, req.content_length, limits, "request")
+    _check_body(req.body, req.content_length, limits)
     method = req.method.encode("utf-8", "surrogateescape")
     _no_nul("method", method)
     if not _TOKEN.fullmatch(method):
@@ -133,11 +133,14 @@ def check_request(req: waf_pb2.EvaluateRequest, limits: Limits) -> None:
 
 
 def check_response(resp: waf_pb2.ResponseRequest, limits: Limits) -> None:
-    """The same for the response of a kept transaction."""
+    """The same for the response of a kept transaction, but for its body:
+    the engine inspects the first SecResponseBodyLimit bytes of it and flags
+    the rest (99011), so a long response body is judged, not refused."""
     if not 100 <= resp.status <= 999:
         raise _refuse(waf_pb2.FIELD_INVALID, f"status {resp.status} is not an HTTP status code")
     _check_headers(resp.headers, limits, "response")
-    _check_body(resp.body, resp.content_length, limits, "response")
+    if resp.content_length < -1:
+        raise _refuse(waf_pb2.FIELD_INVALID, f"content_length {resp.content_length}: -1 (none) or a length")
     _check_version(resp.http_version)
     _check_transaction_id(resp.transaction_id)
     _no_nul("transaction_handle", resp.transaction_handle)

@@ -126,6 +126,39 @@ def test_benign_request_with_every_field_set_passes(stub):
     assert not verdict.intervention and verdict.transaction_id == "7F000001:C0C8_0002"
 
 
+# -- responses of kept transactions ----------------------------------------------
+
+def _kept(stub) -> str:
+    verdict = stub.Evaluate(base(uri=b"/page", inspect_response=True), timeout=30)
+    assert verdict.transaction_handle, verdict
+    return verdict.transaction_handle
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(status=42), "FIELD_INVALID"),
+    (dict(headers=[waf_pb2.Header(name=b"x-a\x00b", value=b"1")]), "FIELD_HAS_NUL"),
+    (dict(headers=[waf_pb2.Header(name=b"x a", value=b"1")]), "FIELD_INVALID"),
+    (dict(http_version="1.1\x00"), "FIELD_HAS_NUL"),
+    (dict(transaction_id="t\x00"), "FIELD_HAS_NUL"),
+    (dict(headers=[waf_pb2.Header(name=b"x-h%d" % i, value=b"v") for i in range(129)]), "LIMIT_HEADER_COUNT"),
+], ids=["status", "header name NUL", "header name not a token", "version NUL", "transaction_id NUL",
+        "header count"])
+def test_hostile_response_fields_are_refused(stub, fields, expected):
+    resp = waf_pb2.ResponseRequest(transaction_handle=_kept(stub), status=fields.pop("status", 200), **fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.EvaluateResponse(resp, timeout=30)
+    assert dict(caught.value.trailing_metadata())["x-waf-error-reason"] == expected
+
+
+def test_a_long_response_body_is_judged_not_refused(stub):
+    # Past WAF_MAX_BODY_BYTES, which bounds requests: the engine inspects the
+    # start of a response body itself and flags the rest.
+    resp = waf_pb2.ResponseRequest(transaction_handle=_kept(stub), status=200, body=b"r" * (200 * 1024),
+                                   headers=[waf_pb2.Header(name=b"content-type", value=b"text/plain")])
+    verdict = stub.EvaluateResponse(resp, timeout=30)
+    assert verdict.action == waf_pb2.ACTION_PASS
+
+
 # -- limits ---------------------------------------------------------------------
 
 LIMITS = {
