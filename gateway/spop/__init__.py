@@ -12,7 +12,8 @@ from .errors import SpopError, Status
 from .frames import (
     Ack, Action, ActionType, AgentDisconnect, AgentHello, Frame, FrameFlags, FrameType,
     HaproxyDisconnect, HaproxyHello, Message, Notify, Scope, SetVar, UnsetVar,
-    decode_frame, decode_frame_header, decode_payload, encode_ack, encode_agent_disconnect,
+    decode_frame, decode_frame_header, decode_payload, encode_ack, encode_ack_frame, encode_actions,
+    encode_agent_disconnect,
     encode_agent_hello, encode_frame, encode_haproxy_disconnect, encode_haproxy_hello,
     encode_notify,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "AgentDisconnect", "Ack", "Frame", "decode_frame", "decode_frame_header",
     "decode_payload", "encode_frame", "encode_haproxy_hello", "encode_haproxy_disconnect",
     "encode_notify", "encode_agent_hello", "encode_agent_disconnect", "encode_ack",
+    "encode_ack_frame", "encode_actions",
     # connection
     "AgentConnection", "ConnectionState", "Event", "HelloReceived", "NotifyReceived",
     "DisconnectReceived", "ConnectionClosed",

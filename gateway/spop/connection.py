@@ -10,7 +10,7 @@ CLOSED, the caller writes what is queued and closes the socket.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Union
@@ -18,7 +18,7 @@ from typing import Union
 from .errors import SpopError, Status
 from .frames import (
     Action, FrameType, HaproxyHello, Notify, decode_frame_header, decode_payload,
-    encode_ack, encode_agent_disconnect, encode_agent_hello,
+    encode_ack_frame, encode_actions, encode_agent_disconnect, encode_agent_hello,
 )
 from .types import Buffer
 
@@ -46,6 +46,7 @@ class HelloReceived:
 
 @dataclass(frozen=True, slots=True)
 class NotifyReceived:
+    """notify: a Notify, or what the connection's notify_decoder made of it."""
     notify: Notify
 
 
@@ -63,6 +64,7 @@ class ConnectionClosed:
 
 Event = Union[HelloReceived, NotifyReceived, DisconnectReceived, ConnectionClosed]
 
+_NOTIFY = int(FrameType.NOTIFY)
 _AWAIT, _UP, _CLOSED = ConnectionState.AWAIT_HELLO, ConnectionState.ESTABLISHED, ConnectionState.CLOSED
 
 # Every frame HAProxy may send, by state: the frame type -> the state after it.
@@ -100,7 +102,12 @@ class AgentConnection:
     def __init__(
         self, max_frame_size: int = 16380, capabilities: Iterable[str] = ("pipelining",),
         engine_id: str | None = None,
+        notify_decoder: Callable[[int, int, bytes, int], object] | None = None,
     ) -> None:
+        """notify_decoder(stream_id, frame_id, frame, payload_pos) replaces
+        the Notify a NOTIFY event carries: a caller that maps NOTIFYs
+        straight into its own objects saves building Messages. It raises
+        SpopError for a malformed payload, as decode_payload does."""
         if not MIN_FRAME_SIZE <= max_frame_size <= _MAX_U32:
             raise ValueError(f"max_frame_size must be within {MIN_FRAME_SIZE}..{_MAX_U32}")
         if isinstance(capabilities, str):  # "pipelining,async" as HAProxy writes it
@@ -111,6 +118,7 @@ class AgentConnection:
         self._our_max = max_frame_size
         self._caps = caps
         self._engine_id = engine_id
+        self._decode_notify = notify_decoder
         self._state = _AWAIT
         self._max = max_frame_size  # what we accept now; the negotiated value later
         self._healthcheck = False
@@ -146,7 +154,15 @@ class AgentConnection:
             if self._state is _CLOSED:
                 return  # the peer is gone or going: nobody waits for this ACK
             raise SpopError(Status.INVALID, "ACK before the HELLO handshake")
-        frame = encode_ack(stream_id, frame_id, actions)
+        self.send_encoded_ack(stream_id, frame_id, encode_actions(actions))
+
+    def send_encoded_ack(self, stream_id: int, frame_id: int, actions: bytes) -> None:
+        """send_ack with the actions encoded already (encode_actions)."""
+        if self._state is not _UP:
+            if self._state is _CLOSED:
+                return
+            raise SpopError(Status.INVALID, "ACK before the HELLO handshake")
+        frame = encode_ack_frame(stream_id, frame_id, actions)
         if len(frame) - 4 > self._max:
             raise SpopError(Status.TOO_BIG, f"ACK of {len(frame) - 4} bytes > {self._max}")
         self._out.append(frame)
@@ -218,10 +234,14 @@ class AgentConnection:
         if new_state is None:
             name = FrameType(ftype).name
             raise SpopError(Status.INVALID, f"unexpected {name} frame in state {self._state.name}")
+        if ftype == _NOTIFY:
+            decode = self._decode_notify
+            events.append(NotifyReceived(decode(stream_id, frame_id, frame, pos) if decode is not None
+                                         else decode_payload(ftype, stream_id, frame_id, frame, pos)))
+            self._state = new_state
+            return
         decoded = decode_payload(ftype, stream_id, frame_id, frame, pos)
-        if ftype == FrameType.NOTIFY:
-            events.append(NotifyReceived(decoded))  # type: ignore[arg-type]
-        elif ftype == FrameType.HAPROXY_HELLO:
+        if ftype == FrameType.HAPROXY_HELLO:
             self._on_hello(decoded)  # type: ignore[arg-type]
             events.append(HelloReceived(decoded))  # type: ignore[arg-type]
             if self._healthcheck:

@@ -30,6 +30,7 @@ __all__ = [
     "AgentDisconnect", "Ack", "Frame", "decode_frame_header", "decode_payload",
     "decode_frame", "encode_frame", "encode_haproxy_hello", "encode_haproxy_disconnect",
     "encode_notify", "encode_agent_hello", "encode_agent_disconnect", "encode_ack",
+    "encode_ack_frame", "encode_actions",
 ]
 
 _INVALID = Status.INVALID
@@ -222,6 +223,21 @@ _UNSET_VAR = {s: bytes((ActionType.UNSET_VAR, 2, s)) for s in range(5)}
 
 
 def encode_ack(stream_id: int, frame_id: int, actions: Iterable[Action] = ()) -> bytes:
+    return encode_ack_frame(stream_id, frame_id, encode_actions(actions))
+
+
+def encode_ack_frame(stream_id: int, frame_id: int, actions: bytes) -> bytes:
+    """An ACK around actions encoded already (encode_actions), e.g. cached ones."""
+    ids = (_SMALL_IDS[stream_id] if 0 <= stream_id < 240 else encode_varint(stream_id)) + (
+        _SMALL_IDS[frame_id] if 0 <= frame_id < 240 else encode_varint(frame_id))
+    return _HEAD.pack(5 + len(ids) + len(actions), _T_ACK, 1) + ids + actions
+
+
+_SMALL_IDS = tuple(bytes((i,)) for i in range(240))
+
+
+def encode_actions(actions: Iterable[Action]) -> bytes:
+    """The ACK payload: the actions, encoded."""
     out = bytearray()
     for act in actions:
         t = type(act)
@@ -234,7 +250,7 @@ def encode_ack(stream_id: int, frame_id: int, actions: Iterable[Action] = ()) ->
         out += encode_name(act.name)
         if t is SetVar:
             out += encode_typed(act.value)  # type: ignore[union-attr]
-    return _frame(_T_ACK, _ids(stream_id, frame_id), bytes(out))
+    return bytes(out)
 
 
 _ENCODERS: dict[type, Callable[..., bytes]] = {
