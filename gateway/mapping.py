@@ -332,6 +332,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
         ignore = _text(get("ignore"), "ignore")
         if ignore:
             req.ignore_rule_ids.extend(_rule_ids(ignore, "ignore"))
+        frontend = _text(get("frontend"), "frontend")
     except InvalidMessage as exc:
         exc.message = exc.message or schema.name
         exc.unknown = unknown  # a misspelt name is often why: log it too
@@ -344,7 +345,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
     add_header = req.headers.add
     for name, value in headers:
         add_header(name=name, value=value)
-    context = RequestContext(unique_id=req.transaction_id, frontend=_text(get("frontend"), "frontend"),
+    context = RequestContext(unique_id=req.transaction_id, frontend=frontend,
                              host=host, app=app, body_truncated=truncated)
     return req, context, unknown
 

@@ -1,0 +1,58 @@
+"""Verdicts and failures as encoded ACK actions, built once where they repeat.
+
+Most ACKs are the same bytes: a pass is always intervention 0, status 0,
+action pass; a CRS block is intervention 1, status 403, action deny plus its
+rule ids. The decision part (the first mapping.DECISION_VARS variables) is
+cached per (intervention, status, action); only rule ids, message and
+redirect are encoded per request. The result equals
+encode_actions(mapping.verdict_actions(verdict)) byte for byte
+(tests/unit/test_notify.py).
+"""
+
+from __future__ import annotations
+
+from gateway import mapping
+from gateway.spop import Scope, SetVar, encode_actions
+from wafapi import waf_pb2
+
+MAX_CACHED_FAILURES = 64
+
+
+class AckEncoder:
+    def __init__(self, fail_closed: bool) -> None:
+        self.fail_closed = fail_closed
+        self._decisions: dict[tuple, bytes] = {}
+        self._failures: dict[str, tuple[bytes, bytes]] = {}
+
+    def decision(self, verdict: waf_pb2.Verdict) -> bytes:
+        """The first DECISION_VARS actions: all an ACK too big for the frame keeps."""
+        key = (verdict.intervention, verdict.status, verdict.action)
+        head = self._decisions.get(key)
+        if head is None:
+            head = self._decisions[key] = encode_actions(
+                mapping.verdict_actions(waf_pb2.Verdict(intervention=verdict.intervention, status=verdict.status,
+                                                        action=verdict.action)))
+        return head
+
+    def verdict(self, verdict: waf_pb2.Verdict) -> bytes:
+        head = self.decision(verdict)
+        matches = verdict.matches
+        if not matches and not verdict.redirect_url:
+            return head
+        details = []
+        if verdict.redirect_url:
+            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_REDIRECT, verdict.redirect_url))
+        if matches:
+            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_RULES, " ".join(str(m.id) for m in matches)))
+            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_MESSAGE, matches[0].message))
+        return head + encode_actions(details)
+
+    def failure(self, reason: str) -> tuple[bytes, bytes]:
+        """(all actions, the decision only) for an answer without a verdict."""
+        cached = self._failures.get(reason)
+        if cached is None:
+            actions = mapping.failure_actions(reason, self.fail_closed)
+            cached = (encode_actions(actions), encode_actions(actions[:mapping.DECISION_VARS]))
+            if len(self._failures) < MAX_CACHED_FAILURES:
+                self._failures[reason] = cached
+        return cached

@@ -1,0 +1,361 @@
+"""A NOTIFY frame straight into EvaluateRequest bytes, in one pass.
+
+AgentConnection(notify_decoder=NotifyDecoder(...)) calls it for every NOTIFY
+instead of building Message and argument tuples: string and binary values
+are sliced out of the frame and copied into the protobuf bytes as they are.
+It decodes exactly what gateway/spop/frames.py would (the same SpopError for
+a malformed frame, so the connection's protocol errors do not change) and
+maps exactly what gateway.mapping.build_request would (the same
+InvalidMessage problem and argument): tests/unit/test_notify.py compares
+both, byte for byte, on generated messages.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv6Address
+from socket import inet_ntoa
+
+from gateway import mapping
+from gateway import protowire as pw
+from gateway.mapping import InvalidMessage, Problem, RequestContext
+from gateway.spop import SpopError, Status
+from gateway.spop.types import decode_text, decode_typed, decode_varint
+
+_INVALID = Status.INVALID
+_SCHEMAS = {schema.name.encode(): schema for schema in mapping.MESSAGES.values()}
+_FIELDS = {schema.name: {a.name.encode(): a.field for a in schema.arguments}
+           for schema in mapping.MESSAGES.values()}
+_TYPE_NAMES = {1: "bool", 2: "Int32", 3: "UInt32", 4: "Int64", 5: "UInt64", 6: "IPv4Address",
+               7: "IPv6Address", 8: "str", 9: "bytes"}
+_STRING, _BINARY, _IPV4, _IPV6 = 8, 9, 6, 7
+
+
+class Decoded:
+    """One NOTIFY, mapped: either `request` (EvaluateRequest bytes) and
+    `context`, or `error` (an InvalidMessage the failure policy answers).
+    `ignored` lists (message, argument) names the gateway did not use
+    (argument "" for a whole message)."""
+    __slots__ = ("stream_id", "frame_id", "request", "context", "error", "ignored")
+
+    def __init__(self, stream_id: int, frame_id: int, request: bytes | None, context: RequestContext | None,
+                 error: InvalidMessage | None, ignored: list) -> None:
+        self.stream_id = stream_id
+        self.frame_id = frame_id
+        self.request = request
+        self.context = context
+        self.error = error
+        self.ignored = ignored
+
+
+def _wrong(field: str, tag: int, wanted: str) -> InvalidMessage:
+    return InvalidMessage(Problem.WRONG_TYPE, f"should be {wanted}, got {_TYPE_NAMES.get(tag, '?')}",
+                          argument=field)
+
+
+def _utf8(raw: bytes) -> bytes:
+    """Protobuf strings must be valid UTF-8: keep valid bytes as they are,
+    show others as \\xNN (what mapping._text does)."""
+    if raw.isascii():
+        return raw
+    try:
+        raw.decode("utf-8")
+        return raw
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace").encode("utf-8")
+
+
+def _text(tv, field: str) -> bytes:
+    if tv is None or tv[0] == 0:
+        return b""
+    tag, value = tv
+    if tag == _STRING or tag == _BINARY:
+        return _utf8(value)
+    raise _wrong(field, tag, "a string")
+
+
+def _raw(tv, field: str) -> bytes:
+    if tv is None or tv[0] == 0:
+        return b""
+    tag, value = tv
+    if tag == _STRING or tag == _BINARY:
+        return value
+    raise _wrong(field, tag, "a string or binary")
+
+
+def _address(tv, field: str) -> bytes:
+    if tv is None or tv[0] == 0:
+        return b""
+    tag, value = tv
+    if tag == _IPV4:
+        return value
+    if tag == _IPV6:
+        return str(value).encode()
+    if tag == _STRING:
+        return _utf8(value)
+    raise _wrong(field, tag, "an address")
+
+
+def _int(tv, field: str, default: int) -> int:
+    if tv is None or tv[0] == 0:
+        return default
+    tag, value = tv
+    if 2 <= tag <= 5:
+        return int(value)
+    raise _wrong(field, tag, "an integer")
+
+
+def _port(tv, field: str) -> int:
+    if tv is not None and tv[0] == 1:
+        raise _wrong(field, 1, "a port number")
+    try:
+        port = _int(tv, field, 0)
+    except InvalidMessage as exc:
+        exc.detail = exc.detail.replace("an integer", "a port number")
+        raise
+    if not 0 <= port <= 65535:
+        raise InvalidMessage(Problem.BAD_VALUE, f"should be a port number, got {tv[1]!r}", argument=field)
+    return port
+
+
+_ONE = tuple(bytes((i,)) for i in range(128))
+
+
+def _headers(data: bytes) -> tuple[list, int, bytes]:
+    """req.hdrs_bin -> (EvaluateRequest.headers entries, Content-Length or
+    -1, Host) in one walk; the checks of spop.types.parse_hdrs_bin."""
+    out: list[bytes] = []   # pieces of the entries, joined with the rest of the request
+    extend = out.extend
+    one = _ONE
+    content_length = -1
+    host = b""
+    n = len(data)
+    pos = 0
+    try:
+        while True:
+            ln = data[pos]
+            if ln < 240:
+                pos += 1
+            else:
+                ln, pos = decode_varint(data, pos)
+            name_end = pos + ln
+            lv = data[name_end]  # IndexError also covers a name past the end
+            vpos = name_end + 1
+            if lv >= 240:
+                lv, vpos = decode_varint(data, name_end)
+            end = vpos + lv
+            if end > n:
+                raise SpopError(_INVALID, "truncated header value")
+            if not ln:
+                if lv:
+                    raise SpopError(_INVALID, "header with an empty name")
+                if end != n:
+                    raise SpopError(_INVALID, "bytes after the hdrs_bin terminator")
+                return out, content_length, host
+            name = data[pos:name_end]
+            value = data[vpos:end]
+            size = ln + lv + 4
+            if not lv:   # proto3 leaves an empty value out
+                out.append(pw.header(name, value))
+            elif size < 128:
+                extend((b"\x4a", one[size], b"\x0a", one[ln], name, b"\x12", one[lv], value))
+            else:
+                out.append(pw.header(name, value))
+            if ln == 14 and name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise InvalidMessage(Problem.BAD_VALUE, "holds a content-length that is not a number",
+                                         argument="headers") from None
+            elif ln == 4 and name == b"host":
+                host = value
+            pos = end
+    except IndexError:
+        raise SpopError(_INVALID, "truncated hdrs_bin (no terminator)") from None
+
+
+def _skip_args(buf: bytes, pos: int, nargs: int, end: int) -> tuple[int, list[str]]:
+    """Walks (and checks) the arguments of a message we do not evaluate."""
+    names = []
+    for _ in range(nargs):
+        n = buf[pos]
+        if n < 240:
+            pos += 1
+        else:
+            n, pos = decode_varint(buf, pos)
+        q = pos + n
+        if q >= end:
+            raise SpopError(_INVALID, "truncated argument")
+        names.append(decode_text(buf[pos:q]))
+        _, pos = decode_typed(buf, q)
+    return pos, names
+
+
+class NotifyDecoder:
+    """The notify_decoder of the gateway's SPOP connections."""
+
+    def __init__(self, default_app: str = "", haproxy_bufsize: int = 0) -> None:
+        self.default_app = default_app.encode()
+        self.bufsize = haproxy_bufsize
+
+    def __call__(self, stream_id: int, frame_id: int, buf: bytes, pos: int) -> Decoded:
+        end = len(buf)
+        chosen = None
+        ignored: list = []
+        try:
+            while pos < end:
+                n = buf[pos]
+                if n < 240:
+                    pos += 1
+                else:
+                    n, pos = decode_varint(buf, pos)
+                q = pos + n
+                if q >= end:
+                    raise SpopError(_INVALID, "truncated message")
+                raw_name = buf[pos:q]
+                nargs = buf[q]
+                pos = q + 1
+                schema = _SCHEMAS.get(raw_name) if chosen is None else None
+                if schema is None:
+                    pos, _ = _skip_args(buf, pos, nargs, end)
+                    ignored.append((decode_text(raw_name), ""))
+                    continue
+                fields = _FIELDS[schema.name]
+                values: dict = {}
+                unknown = []
+                for _ in range(nargs):
+                    n = buf[pos]
+                    if n < 240:
+                        pos += 1
+                    else:
+                        n, pos = decode_varint(buf, pos)
+                    q = pos + n
+                    if q >= end:
+                        raise SpopError(_INVALID, "truncated argument")
+                    key = buf[pos:q]
+                    tag = buf[q] & 0x0F
+                    if tag == _STRING or tag == _BINARY:
+                        pos = q + 1
+                        n = buf[pos]
+                        if n < 240:
+                            pos += 1
+                        else:
+                            n, pos = decode_varint(buf, pos)
+                        q = pos + n
+                        if q > end:
+                            raise SpopError(_INVALID, "truncated string")
+                        value = buf[pos:q]
+                        pos = q
+                    elif tag == 0:
+                        value = None
+                        pos = q + 1
+                    elif tag == _IPV4:
+                        pos = q + 5
+                        if pos > end:
+                            raise SpopError(_INVALID, "truncated address")
+                        value = inet_ntoa(buf[q + 1:pos]).encode()
+                    else:
+                        value, pos = decode_typed(buf, q)
+                    field = fields.get(key)
+                    if field is None:
+                        unknown.append(key)
+                    else:
+                        values[field] = (tag, value)  # the last of duplicates wins
+                chosen = (schema, values, unknown)
+        except IndexError:
+            raise SpopError(_INVALID, "truncated NOTIFY") from None
+        if chosen is None:
+            names = [name for name, _ in ignored]
+            error = InvalidMessage(
+                Problem.UNKNOWN_MESSAGE, f"no message the gateway knows in this NOTIFY, only "
+                f"{', '.join(names) or '(none)'}", message=names[0] if names else "",
+                hint="name the message check-request (deploy/haproxy/spoe-modsecurity.conf), or "
+                     "modsecurity as the original agent did, in spoe-agent 'messages' and 'spoe-message'")
+            return Decoded(stream_id, frame_id, None, None, error, [])
+        schema, values, unknown = chosen
+        unknown_names = [decode_text(k) for k in unknown]
+        ignored.extend((schema.name, name) for name in unknown_names)
+        try:
+            request, context = self._map(schema, values)
+        except InvalidMessage as exc:
+            exc.message = exc.message or schema.name
+            exc.argument = schema.names.get(exc.argument, exc.argument)
+            if exc.argument and not exc.hint:
+                exc.hint = f"the gateway expects: args {schema.args_line()}"
+            exc.unknown = unknown_names
+            return Decoded(stream_id, frame_id, None, None, exc, ignored)
+        return Decoded(stream_id, frame_id, request, context, None, ignored)
+
+    def _map(self, schema: mapping.MessageSchema, values: dict) -> tuple[bytes, RequestContext]:
+        # The same checks, in the same order, as mapping.map_message.
+        for arg in schema.arguments:
+            if arg.required:
+                tv = values.get(arg.field, False)
+                if tv is False:
+                    raise InvalidMessage(Problem.MISSING_ARGUMENT, "is missing", schema.name, arg.field,
+                                         mapping._hint(schema, arg))
+                if tv[0] == 0 and not arg.nullable:
+                    raise InvalidMessage(Problem.NULL_ARGUMENT, f"is NULL (HAProxy's {arg.fetch} gave nothing)",
+                                         schema.name, arg.field, f"check that {arg.name}={arg.fetch} applies to "
+                                         f"this request (a request without a path, such as OPTIONS *, has no path)")
+        get = values.get
+        raw_headers = _raw(get("headers"), "headers")
+        try:
+            encoded, content_length, host = _headers(raw_headers)
+        except SpopError as exc:
+            raise InvalidMessage(Problem.BAD_VALUE, f"is not a req.hdrs_bin block ({exc.message})",
+                                 argument="headers") from None
+        body = _raw(get("body"), "body")
+        truncated = mapping.body_was_cut(len(body), content_length, _int(get("body_size"), "body_size", -1),
+                                         len(raw_headers), self.bufsize)
+        app = _text(get("app"), "app") or self.default_app
+        unique_id = _text(get("id"), "id")
+        client_ip = _address(get("src"), "src")
+        client_port = _port(get("src_port"), "src_port")
+        server_ip = _address(get("dst"), "dst")
+        server_port = _port(get("dst_port"), "dst_port")
+        method = _text(get("method"), "method")
+        if "uri" in values:
+            uri = _raw(values["uri"], "uri")
+        else:  # the original agent's message: path and query, raw
+            uri = _raw(values["path"], "path")
+            query = get("query")
+            if query is not None and query[0] != 0:
+                uri += b"?" + _raw(query, "query")
+        if not uri:
+            raise InvalidMessage(Problem.BAD_VALUE, "is empty", argument="uri" if "uri" in values else "path")
+        version = _text(get("ver"), "ver") or b"1.1"
+        if not method:
+            raise InvalidMessage(Problem.BAD_VALUE, "is empty", argument="method")
+        ignore = _text(get("ignore"), "ignore")
+        rule_ids = mapping._rule_ids(ignore.decode(), "ignore") if ignore else ()
+        frontend = _text(get("frontend"), "frontend")
+
+        field = pw.field
+        parts = []
+        if unique_id:
+            parts.append(field(pw.T_TRANSACTION_ID, unique_id))
+        if client_ip:
+            parts.append(field(pw.T_CLIENT_IP, client_ip))
+        if client_port:
+            parts.append(pw.T_CLIENT_PORT + pw.varint(client_port))
+        if server_ip:
+            parts.append(field(pw.T_SERVER_IP, server_ip))
+        if server_port:
+            parts.append(pw.T_SERVER_PORT + pw.varint(server_port))
+        parts.append(field(pw.T_METHOD, method))
+        parts.append(field(pw.T_URI, uri))
+        parts.append(field(pw.T_HTTP_VERSION, version))
+        parts.extend(encoded)
+        if body:
+            parts.append(field(pw.T_BODY, body))
+        if truncated:
+            parts.append(pw.T_BODY_TRUNCATED)
+        if content_length:
+            parts.append(pw.T_CONTENT_LENGTH + pw.varint(content_length))
+        if app:
+            parts.append(field(pw.T_APPLICATION, app))
+        if rule_ids:
+            parts.append(pw.packed(pw.T_IGNORE_RULE_IDS, rule_ids))
+        context = RequestContext(unique_id=unique_id.decode(), frontend=frontend.decode(),
+                                 host=host.decode("latin-1"), app=app.decode(), body_truncated=truncated)
+        return b"".join(parts), context
