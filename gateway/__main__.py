@@ -23,8 +23,9 @@ from gateway.server import Gateway
 log = logging.getLogger("gateway")
 
 
-def hooks(config: GatewayConfig, pool: WafPool):
-    """Request logs always; metrics too when GATEWAY_METRICS is set."""
+def hooks(config: GatewayConfig):
+    """Request logs always; metrics too when GATEWAY_METRICS is set. The
+    same object observes the server and the pool (gateway.pool.PoolHooks)."""
     if not config.metrics:
         from gateway.requestlog import RequestLog
         return RequestLog(config.log_request_data)
@@ -32,7 +33,7 @@ def hooks(config: GatewayConfig, pool: WafPool):
     from gateway import metrics
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # CPU and memory of the gateway process
-    hooks = metrics.GatewayMetrics(registry, pool, request_data=config.log_request_data)
+    hooks = metrics.GatewayMetrics(registry, request_data=config.log_request_data)
     try:
         metrics.serve(config.metrics, registry)
     except OSError as exc:  # port taken, address not local: say so, no traceback
@@ -59,12 +60,16 @@ def channel_security(config: GatewayConfig):
 
 async def serve(config: GatewayConfig) -> None:
     credentials, options, metadata = channel_security(config)
+    observers = hooks(config)
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
                    max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000,
                    hedge_s=config.hedge_ms / 1000, recycle_s=config.recycle_ms / 1000,
-                   credentials=credentials, call_metadata=metadata, channel_options=options)
+                   credentials=credentials, call_metadata=metadata, channel_options=options,
+                   hooks=observers)
+    if hasattr(observers, "watch_pool"):
+        observers.watch_pool(pool)
     await pool.start()
-    gateway = Gateway(config, pool, hooks(config, pool))
+    gateway = Gateway(config, pool, observers)
     host, port = host_port(config.listen)
     await gateway.start(host, port)
     log.info("gateway listening", extra={"listen": config.listen, "wafsvc": config.wafsvc,
@@ -92,8 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             return config_error("gateway", f"GATEWAY_TOKEN_FILE: {exc}")
     import uvloop
-    uvloop.run(serve(config))
-    return 0
+    if config.processes == 1:
+        uvloop.run(serve(config))
+        return 0
+    from dataclasses import replace
+
+    from gateway.processes import metrics_address, supervise
+
+    def run(index: int) -> int:
+        uvloop.run(serve(replace(config, metrics=metrics_address(config.metrics, index))))
+        return 0
+    return supervise(config.processes, run)
 
 
 if __name__ == "__main__":

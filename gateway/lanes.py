@@ -1,7 +1,6 @@
-"""The pool's building blocks: a pending request, a wafsvc worker, a lane
-(one EvaluateStream call), a slot (one gRPC channel and its lanes), the
-counters the metrics read, and the protobuf framing that lets a batch be
-assembled from requests serialized once. gateway/pool.py drives them.
+"""The records the pool's parts share: a pending request, a wafsvc worker,
+a lane (one EvaluateStream call), a slot (one gRPC channel and its lanes),
+and the counters the metrics read. gateway/pool.py drives them.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import grpc
 
 from wafapi import waf_pb2
 
-Callback = Callable[["waf_pb2.Verdict | None", "str | None"], None]
+Callback = Callable[["waf_pb2.Verdict | None", "NoVerdict | None"], None]  # see gateway.failures
 
 
 def passthrough(data: bytes) -> bytes:
@@ -23,27 +22,12 @@ def passthrough(data: bytes) -> bytes:
     return data
 
 
-def batch_field(number: int, payload: bytes) -> bytes:
-    """Protobuf length-delimited field: lets us build a batch from requests
-    serialized once at submit time, instead of copying messages per retry."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class Pending:
     __slots__ = ("ref", "entry", "callback", "deadline", "hedge_at", "attempts", "lane", "done")
 
     def __init__(self, ref: int, entry: bytes, callback: Callback, deadline: float, hedge_at: float) -> None:
         self.ref = ref
-        self.entry = entry          # serialized BatchRequest, as a field of EvaluateBatch
+        self.entry = entry          # serialized BatchRequest, as a field of EvaluateBatch (protowire)
         self.callback = callback
         self.deadline = deadline
         self.hedge_at = hedge_at

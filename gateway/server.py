@@ -13,44 +13,52 @@ import logging
 import time
 from functools import partial
 
-from gateway import mapping
+from gateway.acks import AckEncoder
 from gateway.config import GatewayConfig
-from gateway.pool import WafPool
+from gateway.failures import Failure, NoVerdict
+from gateway.mapping import InvalidMessage, RequestContext
+from gateway.notify import Decoded, NotifyDecoder
+from gateway.pool import PoolHooks
 from gateway.spop import (AgentConnection, ConnectionClosed, ConnectionState, DisconnectReceived,
                           HelloReceived, NotifyReceived, SpopError, Status)
 
 log = logging.getLogger("gateway.server")
 
 
-class GatewayHooks:
-    """Observation points; the metrics module overrides them. No-ops here so
-    the server runs, and is tested, the same with metrics on or off."""
+class GatewayHooks(PoolHooks):
+    """Observation points of the server (and, inherited, of the pool); the
+    metrics module overrides them. No-ops here so the gateway runs, and is
+    tested, the same with metrics on or off."""
 
     def connection_opened(self) -> None: ...
     def connection_closed(self, status: str) -> None: ...
     def frame(self, kind: str) -> None: ...
     def protocol_error(self, status: str) -> None: ...
-    def invalid_message(self, error: mapping.InvalidMessage) -> None: ...
+    def invalid_message(self, error: InvalidMessage) -> None: ...
     def ignored(self, message: str, argument: str) -> None: ...
-    def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None: ...
-    def failure(self, context: mapping.RequestContext | None, reason: str, seconds: float) -> None: ...
+    def verdict(self, context: RequestContext, verdict, seconds: float) -> None: ...
+    def failure(self, context: RequestContext | None, failure: NoVerdict, seconds: float) -> None: ...
 
 
 class Gateway:
     """State shared by all connections: settings, the pool, the hooks."""
 
-    def __init__(self, config: GatewayConfig, pool: WafPool, hooks: GatewayHooks | None = None) -> None:
+    def __init__(self, config: GatewayConfig, pool, hooks: GatewayHooks | None = None) -> None:
         self.config = config
         self.pool = pool
         self.hooks = hooks or GatewayHooks()
         self.fail_closed = config.failure_policy == "closed"
+        self.acks = AckEncoder(self.fail_closed)
+        self.decoder = NotifyDecoder(config.default_app, config.haproxy_bufsize)
         self.connections: set[SpopProtocol] = set()
         self.paused: set[SpopProtocol] = set()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: SpopProtocol(self), host, port, reuse_address=True)
+        # reuse_port: with GATEWAY_PROCESSES > 1 every process binds the port.
+        self._server = await loop.create_server(lambda: SpopProtocol(self), host, port, reuse_address=True,
+                                                reuse_port=self.config.processes > 1)
 
     @property
     def sockets(self):
@@ -79,7 +87,7 @@ class SpopProtocol(asyncio.Protocol):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         config = gateway.config
-        self.conn = AgentConnection(max_frame_size=config.max_frame_size)
+        self.conn = AgentConnection(max_frame_size=config.max_frame_size, notify_decoder=gateway.decoder)
         self.transport: asyncio.Transport | None = None
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
@@ -146,77 +154,62 @@ class SpopProtocol(asyncio.Protocol):
         return False
 
     # -- evaluation --------------------------------------------------------
-    def _on_notify(self, notify) -> None:
+    def _on_notify(self, decoded: Decoded) -> None:
         gateway = self.gateway
         hooks = gateway.hooks
-        started = time.perf_counter()
-        schema = message = None
-        for candidate in notify.messages:
-            if schema is None:
-                schema = mapping.MESSAGES.get(candidate.name)
-                message = candidate
-            else:
-                hooks.ignored(candidate.name, "")  # another message beside ours
-        try:
-            if schema is None:
-                names = ", ".join(m.name for m in notify.messages) or "(none)"
-                raise mapping.InvalidMessage(
-                    mapping.Problem.UNKNOWN_MESSAGE,
-                    f"no message the gateway knows in this NOTIFY, only {names}",
-                    message=notify.messages[0].name if notify.messages else "",
-                    hint="name the message check-request (deploy/haproxy/spoe-modsecurity.conf), or "
-                         "modsecurity as the original agent did, in spoe-agent 'messages' and 'spoe-message'")
-            request, context, unknown = mapping.map_message(message.args, schema, gateway.config.default_app,
-                                                            gateway.config.haproxy_bufsize)
-        except mapping.InvalidMessage as exc:
+        for message, argument in decoded.ignored:
+            hooks.ignored(message, argument)
+        error = decoded.error
+        if error is not None:
             # Never evaluated as an empty request: the failure policy answers.
-            for name in exc.unknown:
-                hooks.ignored(exc.message, name)
-            hooks.invalid_message(exc)
-            self._fail(notify.stream_id, notify.frame_id, None, f"invalid SPOE message: {exc}", 0.0)
+            hooks.invalid_message(error)
+            self._fail(decoded.stream_id, decoded.frame_id, None,
+                       NoVerdict(Failure.INVALID_MESSAGE, f"invalid SPOE message: {error}"), 0.0)
             return
-        except Exception:  # a bug; answer this request and keep the connection's others alive
-            log.exception("cannot map a request message")
-            self._fail(notify.stream_id, notify.frame_id, None, "internal error mapping the request", 0.0)
-            return
-        for name in unknown:
-            hooks.ignored(message.name, name)
-        gateway.pool.submit(request, partial(self._on_result, notify.stream_id, notify.frame_id,
-                                             context, started))
+        gateway.pool.submit(decoded.request, partial(self._on_result, decoded.stream_id, decoded.frame_id,
+                                                     decoded.context, time.perf_counter()))
         if gateway.pool.inflight >= gateway.config.max_inflight and self.transport is not None:
             # Backpressure: stop reading NOTIFYs until wafsvc catches up.
             self.transport.pause_reading()
             gateway.paused.add(self)
 
-    def _on_result(self, stream_id: int, frame_id: int, context: mapping.RequestContext,
-                   started: float, verdict, error: str | None) -> None:
+    def _on_result(self, stream_id: int, frame_id: int, context: RequestContext,
+                   started: float, verdict, failure: NoVerdict | None) -> None:
         gateway = self.gateway
         elapsed = time.perf_counter() - started
         if verdict is not None:
             gateway.hooks.verdict(context, verdict, elapsed)
-            self.ack(stream_id, frame_id, mapping.verdict_actions(verdict))
+            if self.transport is not None:
+                acks = gateway.acks
+                try:
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.verdict(verdict))
+                except SpopError:  # too big for the frame: keep the decision, drop the details
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.decision(verdict))
+                self._schedule_flush()
         else:
             log.warning("no verdict; failure policy applied", extra={
-                "unique_id": context.unique_id, "reason": error,
+                "unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
                 "policy": gateway.config.failure_policy})
-            self._fail(stream_id, frame_id, context, error or "no verdict", elapsed)
-        gateway.resume_if_room()
+            self._fail(stream_id, frame_id, context, failure, elapsed)
+        if gateway.paused:
+            gateway.resume_if_room()
 
-    def _fail(self, stream_id: int, frame_id: int, context: mapping.RequestContext | None,
-              reason: str, elapsed: float) -> None:
+    def _fail(self, stream_id: int, frame_id: int, context: RequestContext | None,
+              failure: NoVerdict, elapsed: float) -> None:
         """No verdict for this request: count it and answer with the policy."""
-        self.gateway.hooks.failure(context, reason, elapsed)
-        self.ack(stream_id, frame_id, mapping.failure_actions(reason, self.gateway.fail_closed))
+        self.gateway.hooks.failure(context, failure, elapsed)
+        if self.transport is None:
+            return  # HAProxy went away; the answer has no one to go to
+        actions, decision = self.gateway.acks.failure(str(failure))
+        try:
+            self.conn.send_encoded_ack(stream_id, frame_id, actions)
+        except SpopError:
+            self.conn.send_encoded_ack(stream_id, frame_id, decision)
+        self._schedule_flush()
 
     # -- output ------------------------------------------------------------
-    def ack(self, stream_id: int, frame_id: int, actions: list) -> None:
-        if self.transport is None:
-            return  # HAProxy went away; the verdict has no one to go to
-        try:
-            self.conn.send_ack(stream_id, frame_id, actions)
-        except SpopError:
-            # Too big for the frame: keep the decision, drop the details.
-            self.conn.send_ack(stream_id, frame_id, actions[:mapping.DECISION_VARS])
+    def _schedule_flush(self) -> None:
+        """ACKs produced in the same loop iteration leave in one write."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

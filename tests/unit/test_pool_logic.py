@@ -6,31 +6,47 @@ from __future__ import annotations
 
 import time
 
+from gateway.failures import STREAM_FAILED
 from gateway.lanes import Lane, Slot
-from gateway.pool import MAX_ATTEMPTS, WafPool
+from gateway.pool import PoolHooks, WafPool
+from gateway.sweeper import MAX_ATTEMPTS
 from wafapi import waf_pb2
 
 
+class Recorded(PoolHooks):
+    def __init__(self) -> None:
+        self.calls = []
+
+    def retried(self, worker: str) -> None:
+        self.calls.append(("retried", worker))
+
+    def grpc_error(self, worker: str, code: str) -> None:
+        self.calls.append(("grpc_error", worker, code))
+
+
 def _pool() -> WafPool:
-    return WafPool("ipv4:127.0.0.1:9", channels=2, streams=2, deadline_s=0.4, hedge_s=0.15)
+    return WafPool("ipv4:127.0.0.1:9", channels=2, streams=2, deadline_s=0.4, hedge_s=0.15, hooks=Recorded())
 
 
 def _lane(pool: WafPool, slot: Slot, worker: str, replica: str = "r1", workers: int = 2) -> Lane:
-    pool._lane_index += 1
-    lane = Lane(pool._lane_index, slot)
-    slot.lanes.append(lane)
-    pool._attach(lane, worker, replica, workers)
+    lane = pool.channels.add_lane(slot)
+    pool.attach(lane, worker, replica, workers)
     return lane
 
 
 def _slot(pool: WafPool, generation: int) -> Slot:
-    slot = Slot(len(pool._slots), generation, channel=None)
-    pool._slots.append(slot)
+    slot = Slot(len(pool.channels.slots), generation, channel=None)
+    pool.channels.slots.append(slot)
     return slot
 
 
 def _submit(pool: WafPool, results: list) -> None:
-    pool.submit(waf_pb2.EvaluateRequest(method="GET", uri=b"/"), lambda v, e: results.append((v, e)))
+    pool.submit(waf_pb2.EvaluateRequest(method="GET", uri=b"/").SerializeToString(),
+                lambda v, e: results.append((v, e)))
+
+
+def _worker(pool: WafPool, name: str):
+    return pool.workers.get(name)
 
 
 def _send(lane: Lane) -> None:
@@ -44,7 +60,7 @@ def _answer(pool: WafPool, lane: Lane, refs) -> None:
     batch = waf_pb2.VerdictBatch()
     for ref in refs:
         batch.verdicts.add(ref=ref).verdict.action = waf_pb2.ACTION_PASS
-    pool._on_verdicts(lane, batch)
+    pool.runner.on_verdicts(lane, batch)
 
 
 def test_requests_go_to_the_worker_with_fewest_in_flight():
@@ -57,7 +73,7 @@ def test_requests_go_to_the_worker_with_fewest_in_flight():
     assert len(a.queue) == len(b.queue) == 2
     _send(a)
     _answer(pool, a, list(a.sent))
-    assert len(results) == 2 and pool._workers["r1/a"].inflight == 0
+    assert len(results) == 2 and _worker(pool, "r1/a").inflight == 0
     _submit(pool, results)
     _submit(pool, results)
     assert len(a.queue) == 2 and len(b.queue) == 2
@@ -72,15 +88,15 @@ def test_everything_on_a_hung_worker_moves_and_it_gets_no_new_work():
         _submit(pool, results)
     _send(a)
     _send(b)
-    hung = pool._workers["r1/a"]
+    hung = _worker(pool, "r1/a")
     hung.last_answer = time.monotonic() - 10   # nothing since the requests were sent
     _answer(pool, b, list(b.sent))             # b answers: it is alive
     stuck = list(a.sent.values())
-    pool._hedge(stuck[0])
+    pool.sweeper.hedge(stuck[0])
     assert hung.stalled and not a.sent and all(p.lane is b for p in stuck)
-    assert pool.stats.hedges == 2
+    assert pool.stats.hedges == 2 and pool.hooks.calls == [("retried", "r1/a")] * 2
     _submit(pool, results)
-    assert pool._workers["r1/b"].inflight == 3 and not a.queue
+    assert _worker(pool, "r1/b").inflight == 3 and not a.queue
     # A late answer from the hung worker counts for nothing, but shows it
     # is back: it takes work again.
     _answer(pool, a, [p.ref for p in stuck])
@@ -100,7 +116,7 @@ def test_a_worker_that_answers_keeps_its_slow_request():
     _send(lane)
     pending = next(iter(lane.sent.values()))
     lane.worker.last_answer = time.monotonic()  # answered other requests since
-    pool._hedge(pending)
+    pool.sweeper.hedge(pending)
     assert pending.lane is lane and not lane.worker.stalled and pool.stats.hedges == 0
 
 
@@ -113,13 +129,13 @@ def test_a_failed_lane_hands_its_requests_to_another_worker_until_attempts_run_o
     lane = a if a.queue else b
     other = b if lane is a else a
     _send(lane)
-    pool._detach(lane)
+    pool.detach(lane)
     assert not lane.sent and len(other.queue) == 1 and not results
     pending = other.queue[0]
     pending.attempts = MAX_ATTEMPTS
     _send(other)
-    pool._detach(other)
-    assert results == [(None, "wafsvc stream failed and no retry was possible")]
+    pool.detach(other)
+    assert results == [(None, STREAM_FAILED)]
     assert pool.inflight == 0 and pool.live_workers() == []
 
 
@@ -132,7 +148,7 @@ def test_coverage_repair_replaces_a_slot_that_only_duplicates_covered_workers():
     _lane(pool, second, "r2/x", replica="r2", workers=1)
     assert pool.coverage() == {"r1": (1, 2), "r2": (1, 1)}
     # Replacing `second` would lose r2's only worker; `first` only repeats r1/a.
-    assert pool._spare_slot({"r1"}) is first
+    assert pool.channels.spare_slot() is first
     _lane(pool, first, "r1/b")
     assert pool.coverage() == {"r1": (2, 2), "r2": (1, 1)}
 
@@ -141,16 +157,16 @@ def test_coverage_repair_adds_a_slot_when_none_can_be_spared():
     pool = _pool()
     only = _slot(pool, 1)
     _lane(pool, only, "r1/a", workers=3)
-    assert pool._spare_slot({"r1"}) is None
+    assert pool.channels.spare_slot() is None
     actions = []
-    pool._add_slot = lambda: actions.append("add")          # opening one needs a channel
-    pool._replace = lambda slot, why: actions.append("replace")
+    pool.channels.add_slot = lambda: actions.append("add")          # opening one needs a channel
+    pool.channels.replace = lambda slot, why: actions.append("replace")
     now = time.monotonic()
-    assert pool._repair_coverage(now) and actions == ["add"]
-    assert not pool._repair_coverage(now) and actions == ["add"]  # cooldown between repairs
+    assert pool.channels.repair_coverage(now) and actions == ["add"]
+    assert not pool.channels.repair_coverage(now) and actions == ["add"]  # cooldown between repairs
     _lane(pool, only, "r1/b", workers=3)
     _lane(pool, only, "r1/c", workers=3)
-    assert not pool._repair_coverage(now + 1) and pool.coverage() == {"r1": (3, 3)}
+    assert not pool.channels.repair_coverage(now + 1) and pool.coverage() == {"r1": (3, 3)}
 
 
 def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
@@ -165,7 +181,7 @@ def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
         lane.worker.last_answer = time.monotonic() - 10
     for lane in lanes:
         if lane.sent:
-            pool._hedge(next(iter(lane.sent.values())))
+            pool.sweeper.hedge(next(iter(lane.sent.values())))
     stalled = [lane.worker for lane in lanes if lane.worker.stalled]
     assert len(stalled) == 3  # STALL_BURST, then one per STALL_REFILL_S
 
@@ -184,3 +200,53 @@ def test_a_message_answered_in_parts_frees_the_window_once():
     assert lane.worker.outstanding == 1 and len(results) == 1
     _answer(pool, lane, refs[1:])
     assert lane.worker.outstanding == 0 and not lane.unanswered and len(results) == 4
+
+
+def test_a_refusal_is_a_typed_value_and_a_retryable_error_goes_elsewhere():
+    from gateway.failures import Failure
+    pool = _pool()
+    slot = _slot(pool, 1)
+    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    results = []
+    _submit(pool, results)
+    _submit(pool, results)
+    lanes = [lane for lane in (a, b) if lane.queue]
+    for lane in lanes:
+        _send(lane)
+    first, second = lanes[0], lanes[-1]
+    refs = list(first.sent)
+    batch = waf_pb2.VerdictBatch()
+    error = batch.verdicts.add(ref=refs[0]).error
+    error.code, error.message, error.reason = "INVALID_ARGUMENT", "unknown application 'x'", waf_pb2.UNKNOWN_APPLICATION
+    pool.runner.on_verdicts(first, batch)
+    verdict, failure = results[0]
+    assert verdict is None and failure.failure is Failure.REFUSED and failure.label == "invalid_argument"
+    assert failure.reason == waf_pb2.UNKNOWN_APPLICATION and str(failure).startswith("INVALID_ARGUMENT: ")
+    # UNAVAILABLE (a draining worker) is retried on the other worker, not answered.
+    other_ref = list(second.sent)[0] if second is not first else refs[1]
+    batch = waf_pb2.VerdictBatch()
+    error = batch.verdicts.add(ref=other_ref).error
+    error.code, error.reason = "UNAVAILABLE", waf_pb2.DRAINING
+    pool.runner.on_verdicts(second, batch)
+    assert len(results) == 1 and pool.stats.retries == 1
+    assert ("grpc_error", second.worker.name, "UNAVAILABLE") in pool.hooks.calls
+    assert sum(w.inflight for w in pool.workers.ready) == 1 == pool.inflight
+
+
+def test_in_flight_counts_return_to_zero_whatever_the_path():
+    pool = _pool()
+    slot = _slot(pool, 1)
+    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    results = []
+    for _ in range(6):
+        _submit(pool, results)
+    _send(a)
+    pool.detach(a)                                   # a's requests move to b
+    _send(b)
+    _answer(pool, b, list(b.sent)[:3])               # some answered
+    pool.sweeper.by_deadline[0].deadline = 0         # the rest time out
+    for pending in list(pool.sweeper.by_deadline):
+        if not pending.done:
+            pool.finish(pending, None, STREAM_FAILED)
+    assert len(results) == 6 and pool.inflight == 0
+    assert all(w.inflight == 0 for w in pool.workers.ready) and b.worker.inflight == 0
