@@ -11,14 +11,17 @@ Names and one PromQL query each: README, "Metrics and logs".
 from __future__ import annotations
 
 import logging
-import re
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from common.metrics import BoundedValues, ChildCache, bind_http
 from gateway import mapping
+from gateway.failures import Failure, NoVerdict
 from gateway.requestlog import RequestLog
 
 log = logging.getLogger("gateway.metrics")
@@ -28,7 +31,6 @@ log = logging.getLogger("gateway.metrics")
 LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .025, .05, .1, .2, .4, .8, 1.6)
 
 PASS, BLOCK, MATCH, ERROR = "pass", "block", "match", "error"
-_GRPC_CODE = re.compile(r"^([A-Z_]{4,}): ")
 
 
 def verdict_kind(verdict) -> str:
@@ -39,18 +41,49 @@ def verdict_kind(verdict) -> str:
     return MATCH if len(verdict.matches) else PASS
 
 
-def failure_reason(context, reason: str) -> str:
-    """A bounded label for the pool's free-text failure reasons."""
-    if context is None:
-        return "invalid_message"
-    code = _GRPC_CODE.match(reason)
-    if code:
-        return code.group(1).lower()   # wafsvc refused or failed on the request
-    if "deadline" in reason:
-        return "timeout"
-    if "stream" in reason or "unavailable" in reason.lower():
-        return "unavailable"
-    return "other"
+class Tallies:
+    """The per-request metrics, counted in plain ints and exported when
+    Prometheus scrapes: a labelled prometheus_client increment costs a lock
+    and a few calls, several per request. Names, labels and buckets are the
+    same as prometheus_client's would be. The scrape runs on another thread:
+    dict() and list() copies are atomic under the GIL."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {}
+        self.evaluations: dict[tuple[str, str], int] = {}
+        self.blocks: dict[tuple[str, str], int] = {}
+        self.rules: dict[tuple[int, str], int] = {}
+        self._bounds = LATENCY_BUCKETS
+        self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self):
+        for name, doc, labels, values in (
+                ("modsec_gateway_spop_frames", "SPOP frames received from HAProxy, by type", ["type"],
+                 {(kind,): n for kind, n in dict(self.frames).items()}),
+                ("modsec_gateway_evaluations", "evaluations by verdict (pass, block, match, error) and "
+                 "application rule set", ["verdict", "app"], dict(self.evaluations)),
+                ("modsec_gateway_blocks", "blocked requests by HAProxy frontend and Host (host:port)",
+                 ["frontend", "host"], dict(self.blocks)),
+                ("modsec_gateway_rule_matches", "rule matches by rule id, and whether the request was blocked",
+                 ["rule_id", "outcome"], {(str(rule), outcome): n for (rule, outcome), n in dict(self.rules).items()})):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, n in values.items():
+                family.add_metric(list(key), n)
+            yield family
+        counts, total = list(self._counts), self._sum
+        buckets, cumulative = [], 0
+        for bound, n in zip(self._bounds + (float("inf"),), counts):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        latency = HistogramMetricFamily("modsec_gateway_request_duration_seconds",
+                                        "time from NOTIFY to verdict in the gateway, wafsvc round trip included")
+        latency.add_metric([], buckets, total)
+        yield latency
 
 
 class PoolCollector:
@@ -111,9 +144,6 @@ class GatewayMetrics(RequestLog):
         closed = Counter("modsec_gateway_spop_connections_closed", "SPOP connections closed, by how",
                          ["reason"], registry=r)
         self._closed = ChildCache(lambda reason: closed.labels(reason))
-        frames = Counter("modsec_gateway_spop_frames", "SPOP frames received from HAProxy, by type",
-                         ["type"], registry=r)
-        self._frames = ChildCache(lambda kind: frames.labels(kind))
         protocol = Counter("modsec_gateway_spop_protocol_errors",
                            "connections dropped for a malformed or unexpected SPOP frame, by SPOP status",
                            ["status"], registry=r)
@@ -129,21 +159,17 @@ class GatewayMetrics(RequestLog):
                            "and argument", ["message", "problem", "argument"], registry=r)
         self._messages = ChildCache(lambda key: messages.labels(*key))
         self._message_names = BoundedValues(32)
-        evaluations = Counter("modsec_gateway_evaluations", "evaluations by verdict (pass, block, match, error) "
-                              "and application rule set", ["verdict", "app"], registry=r)
-        self._evaluations = ChildCache(lambda key: evaluations.labels(*key))
         failures = Counter("modsec_gateway_failures", "requests answered by the failure policy, by reason",
                            ["reason"], registry=r)
         self._failures = ChildCache(lambda reason: failures.labels(reason))
-        blocks = Counter("modsec_gateway_blocks", "blocked requests by HAProxy frontend and Host (host:port)",
-                         ["frontend", "host"], registry=r)
-        self._blocks = ChildCache(lambda key: blocks.labels(*key))
-        rules = Counter("modsec_gateway_rule_matches", "rule matches by rule id, and whether the request "
-                        "was blocked", ["rule_id", "outcome"], registry=r)
-        self._rules = ChildCache(lambda key: rules.labels(str(key[0]), key[1]))
-        self._latency = Histogram("modsec_gateway_request_duration_seconds",
-                                  "time from NOTIFY to verdict in the gateway, wafsvc round trip included",
-                                  buckets=LATENCY_BUCKETS, registry=r)
+        # Per request: plain ints, exported at scrape time (Tallies).
+        tallies = self._tallies = Tallies()
+        registry.register(tallies)
+        self._frames = tallies.frames
+        self._evaluations = tallies.evaluations
+        self._blocks = tallies.blocks
+        self._rules = tallies.rules
+        self._observe = tallies.observe
         grpc_errors = Counter("modsec_gateway_grpc_errors", "errors from wafsvc: per-request error codes and "
                               "failed streams, by wafsvc worker", ["worker", "code"], registry=r)
         self._grpc_errors = ChildCache(lambda key: grpc_errors.labels(*key))
@@ -153,11 +179,14 @@ class GatewayMetrics(RequestLog):
         self._frontends = BoundedValues(max_label_values)
         self._hosts = BoundedValues(max_label_values)
         self._apps = BoundedValues(max_label_values)
+        self._registry = registry
         if pool is not None:
-            registry.register(PoolCollector(pool))
-            pool.on_retry = self.retried
-            if hasattr(pool, "on_error"):
-                pool.on_error = self.grpc_error
+            self.watch_pool(pool)
+
+    def watch_pool(self, pool) -> None:
+        """Exports the pool's counters, read at scrape time. (The pool calls
+        retried and grpc_error: it is given this object as its hooks.)"""
+        self._registry.register(PoolCollector(pool))
 
     # -- GatewayHooks --------------------------------------------------------
     def connection_opened(self) -> None:
@@ -169,7 +198,8 @@ class GatewayMetrics(RequestLog):
         self._closed[status].inc()
 
     def frame(self, kind: str) -> None:
-        self._frames[kind].inc()
+        frames = self._frames
+        frames[kind] = frames.get(kind, 0) + 1
 
     def protocol_error(self, status: str) -> None:
         self._protocol[status].inc()
@@ -182,27 +212,34 @@ class GatewayMetrics(RequestLog):
         self._messages[(self._message_names(error.message), error.problem.value, error.argument)].inc()
 
     def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
-        super().verdict(context, verdict, seconds)
-        self._latency.observe(seconds)
+        if self.debug or (self.info and verdict.intervention):
+            super().verdict(context, verdict, seconds)
+        self._observe(seconds)
         kind = verdict_kind(verdict)
-        self._evaluations[(kind, self._apps(context.app or "default"))].inc()
+        key = (kind, self._apps(context.app or "default"))
+        evaluations = self._evaluations
+        evaluations[key] = evaluations.get(key, 0) + 1
+        if kind == PASS:
+            return
         if context.body_truncated:
             self._invalid["body_truncated"].inc()
         if kind == BLOCK:
-            self._blocks[(self._frontends(context.frontend), self._hosts(context.host))].inc()
-        if kind != PASS:
-            outcome = "blocked" if kind == BLOCK else "passed"
-            for match in verdict.matches:
-                self._rules[(match.id, outcome)].inc()
+            key = (self._frontends(context.frontend), self._hosts(context.host))
+            self._blocks[key] = self._blocks.get(key, 0) + 1
+        outcome = "blocked" if kind == BLOCK else "passed"
+        rules = self._rules
+        for match in verdict.matches:
+            key = (match.id, outcome)
+            rules[key] = rules.get(key, 0) + 1
 
-    def failure(self, context, reason: str, seconds: float) -> None:
-        label = failure_reason(context, reason)
-        self._failures[label].inc()
+    def failure(self, context, failure: NoVerdict, seconds: float) -> None:
+        self._failures[failure.label].inc()
         if context is None:
             return  # an invalid message: counted by invalid_message, never evaluated
-        self._latency.observe(seconds)
-        self._evaluations[(ERROR, self._apps(context.app or "default"))].inc()
-        if label not in ("timeout", "unavailable", "other"):
+        self._observe(seconds)
+        key = (ERROR, self._apps(context.app or "default"))
+        self._evaluations[key] = self._evaluations.get(key, 0) + 1
+        if failure.failure is Failure.REFUSED:
             self._invalid["engine_error"].inc()
         if context.body_truncated:
             self._invalid["body_truncated"].inc()

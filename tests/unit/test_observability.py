@@ -22,6 +22,7 @@ from gateway import metrics as gateway_metrics
 from gateway import mapping
 from gateway.mapping import RequestContext
 from gateway.requestlog import WARN_EVERY_S, RequestLog
+from gateway.failures import STREAM_FAILED, TIMED_OUT, Failure, NoVerdict
 from gateway.pool import WafPool
 from wafapi import waf_pb2
 from wafsvc import metrics as waf_metrics
@@ -52,16 +53,16 @@ def test_bounded_values_keep_the_first_ones_and_fold_the_rest():
     assert len(BoundedValues(1)("x" * 1000)) <= 120
 
 
-@pytest.mark.parametrize("context,reason,label", [
-    (None, "invalid request message: argument 'method' is missing", "invalid_message"),
-    ("ctx", "no verdict within the deadline", "timeout"),
-    ("ctx", "wafsvc stream failed and no retry was possible", "unavailable"),
-    ("ctx", "INVALID_ARGUMENT: unknown application 'x'", "invalid_argument"),
-    ("ctx", "INTERNAL: engine error: boom", "internal"),
-    ("ctx", "something new", "other"),
+@pytest.mark.parametrize("failure,label", [
+    (NoVerdict(Failure.INVALID_MESSAGE, "argument 'method' is missing"), "invalid_message"),
+    (TIMED_OUT, "timeout"),
+    (STREAM_FAILED, "unavailable"),
+    (NoVerdict(Failure.REFUSED, "unknown application 'x'", "INVALID_ARGUMENT"), "invalid_argument"),
+    (NoVerdict(Failure.REFUSED, "engine error: boom", "INTERNAL"), "internal"),
+    (NoVerdict(Failure.REFUSED, "?", "NOT_A_GRPC_CODE"), "other"),
 ])
-def test_failure_reasons_become_a_bounded_label(context, reason, label):
-    assert gateway_metrics.failure_reason(context, reason) == label
+def test_failures_are_typed_values_with_a_bounded_label(failure, label):
+    assert failure.label == label
 
 
 def test_verdict_kinds():
@@ -131,9 +132,9 @@ def test_gateway_hooks_count_failures_and_protocol_errors():
     hooks = gateway_metrics.GatewayMetrics(registry)
     hooks.invalid_message(mapping.InvalidMessage(mapping.Problem.MISSING_ARGUMENT, "is missing",
                                                  "check-request", "uri", "add uri=url"))
-    hooks.failure(None, "invalid request message: argument 'method' is missing", 0.0)
-    hooks.failure(_context(), "no verdict within the deadline", 0.4)
-    hooks.failure(_context(), "INTERNAL: engine error: boom", 0.01)
+    hooks.failure(None, NoVerdict(Failure.INVALID_MESSAGE, "argument 'method' is missing"), 0.0)
+    hooks.failure(_context(), TIMED_OUT, 0.4)
+    hooks.failure(_context(), NoVerdict(Failure.REFUSED, "engine error: boom", "INTERNAL"), 0.01)
     hooks.protocol_error("invalid")
     hooks.connection_opened()
     hooks.connection_closed("io")
@@ -212,14 +213,15 @@ def test_unknown_arguments_are_logged_the_first_time_each_appears(caplog):
 
 def test_pool_counters_are_read_at_scrape_time():
     registry = CollectorRegistry()
-    pool = WafPool("ipv4:127.0.0.1:9")      # never started: no socket is opened
-    gateway_metrics.GatewayMetrics(registry, pool)
+    hooks = gateway_metrics.GatewayMetrics(registry)
+    pool = WafPool("ipv4:127.0.0.1:9", hooks=hooks)      # never started: no socket is opened
+    hooks.watch_pool(pool)
     pool.stats.submitted, pool.stats.answered, pool.stats.retries = 10, 7, 2
     assert value(registry, "modsec_gateway_pool_submitted_total") == 10
     assert value(registry, "modsec_gateway_pool_inflight") == 3
     assert value(registry, "modsec_gateway_pool_retries_total") == 2
     assert value(registry, "modsec_gateway_pool_workers") == 0
-    assert pool.on_retry is not None
+    assert pool.hooks is hooks
 
 
 # -- wafsvc -------------------------------------------------------------------
