@@ -30,6 +30,9 @@ OPTIONS = (
            "HTTP/2 connection pins to one SO_REUSEPORT worker", int),
     Option("streams", "GATEWAY_STREAMS", 4, "long-lived evaluation streams per channel", int),
     Option("max_batch", "GATEWAY_MAX_BATCH", 16, "most requests carried by one stream message", int),
+    Option("processes", "GATEWAY_PROCESSES", 1,
+           "gateway processes sharing the SPOP port (SO_REUSEPORT), each with its own streams to wafsvc; "
+           "process i serves metrics on GATEWAY_METRICS's port + i. For hosts with cores to spare", int),
     Option("max_inflight", "GATEWAY_MAX_INFLIGHT", 2048,
            "evaluations in flight before the gateway stops reading from HAProxy", int),
     Option("max_frame_size", "GATEWAY_MAX_FRAME_SIZE", 1048576,
@@ -74,6 +77,7 @@ class GatewayConfig:
     channels: int = 4
     streams: int = 4
     max_batch: int = 16
+    processes: int = 1
     max_inflight: int = 2048
     max_frame_size: int = 1048576
     hello_timeout_ms: int = 5000
@@ -96,6 +100,7 @@ class GatewayConfig:
                                   ("GATEWAY_CHANNELS", self.channels, 1),
                                   ("GATEWAY_STREAMS", self.streams, 1),
                                   ("GATEWAY_MAX_BATCH", self.max_batch, 1),
+                                  ("GATEWAY_PROCESSES", self.processes, 1),
                                   ("GATEWAY_MAX_INFLIGHT", self.max_inflight, 1),
                                   ("GATEWAY_MAX_FRAME_SIZE", self.max_frame_size, 256),
                                   ("GATEWAY_HELLO_TIMEOUT_MS", self.hello_timeout_ms, 1),
