@@ -1,9 +1,11 @@
 """Prometheus metrics of the gateway (GATEWAY_METRICS=HOST:PORT turns them on).
 
-One process, one registry. The hot path (one verdict) costs a few dict
-lookups and counter increments: label children are created once and cached,
-label values from requests (Host) or HAProxy (frontend) are bounded, and the
-pool's own counters are plain ints read only when Prometheus scrapes.
+One process, one registry. The hot path (one verdict) only adds to plain
+ints (Tallies: verdicts, latency, blocks, rule matches, frames), exported
+when Prometheus scrapes; label values from requests (Host) or HAProxy
+(frontend) are bounded, and the pool's own counters are plain ints read at
+scrape time too. Rare events (failures, protocol errors) use
+prometheus_client directly.
 
 Names and one PromQL query each: README, "Metrics and logs".
 """

@@ -12,7 +12,6 @@ both, byte for byte, on generated messages.
 
 from __future__ import annotations
 
-from ipaddress import IPv6Address
 from socket import inet_ntoa
 
 from gateway import mapping
