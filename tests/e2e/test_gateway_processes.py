@@ -5,6 +5,7 @@ supervisor that stops them all."""
 from __future__ import annotations
 
 import os
+import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,16 +22,27 @@ def _evaluations(port: int) -> float:
                if s.name == "modsec_gateway_evaluations_total")
 
 
+def _two_free_ports() -> int:
+    """A port whose next one is free too: process i serves metrics on port + i."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
 
 
-def test_two_processes_serve_one_port_and_stop_together(haproxy_bin, stack_logs):
-    metrics = free_port()
-    while free_port() == metrics + 1:  # the second process takes the next port
-        pass
-    s = start_stack(stack_logs, haproxy_bin, wafsvc_env={"RULES": "rules/block-localhost.conf"},
+def test_two_processes_serve_one_port_and_stop_together(haproxy_bin, tmp_path):
+    metrics = _two_free_ports()
+    s = start_stack(tmp_path, haproxy_bin, wafsvc_env={"RULES": "rules/block-localhost.conf"},
                     gateway_env={"GATEWAY_PROCESSES": "2", "GATEWAY_METRICS": f"127.0.0.1:{metrics}"})
     try:
         supervisor = s.proc("gateway").pid
@@ -42,6 +54,8 @@ def test_two_processes_serve_one_port_and_stop_together(haproxy_bin, stack_logs)
         after = wait_for(lambda: (lambda n: n if n - before >= 20 else None)(
             _evaluations(metrics) + _evaluations(metrics + 1)), what="evaluations counted")
         assert after - before == 20
+        log = (tmp_path / "gateway.log").read_text()
+        assert log.count('"gateway listening"') == 2 and "gateway process died" not in log
     finally:
         codes = s.stop()
     assert codes["gateway"] == 0
