@@ -1,5 +1,6 @@
 # modsec-spoa: the commands a newcomer needs.
 #   make up      the whole stack in the foreground (HAProxy :8080)
+#   make up-envoy   the same pool behind Envoy with ext_proc (:10000); ENVOY_FILTER=ext_authz for the other filter
 #   make test    unit + end-to-end tests (real HAProxy, gRPC, libmodsecurity, CRS)
 #   make test-compose   docker-compose.yml on a real Docker engine (as root; ~1.5 min, ~4 on a clean machine)
 #   make bench   modsec-spoa vs the raw engine, HAProxy alone and nginx + ModSecurity
@@ -9,7 +10,7 @@ CRS_DIR ?= $(firstword $(wildcard ../shared/crs/v4.28.0) /usr/share/modsecurity-
 CRS_TESTS ?= $(CRS_DIR)/tests
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install up test test-unit test-e2e test-compose haproxy32 proto proto-check conformance bench clean fuzz soak
+.PHONY: install up up-envoy test test-unit test-e2e test-compose haproxy32 proto proto-check conformance bench clean fuzz soak
 
 install:
 	@bash scripts/install.sh
@@ -19,6 +20,9 @@ haproxy32:
 
 up: install
 	$(PY) -m stack
+
+up-envoy: install
+	$(PY) -m stack.envoy
 
 test: install
 	$(PY) -m wafapi.codegen --check

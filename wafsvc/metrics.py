@@ -88,6 +88,9 @@ class WafMetrics:
                              multiprocess_mode="livesum", registry=r)
         self.restarts = Counter("modsec_waf_worker_restarts", "worker processes that died and were restarted",
                                 registry=r)
+        self.envoy_calls = Counter("modsec_waf_envoy_calls", "Envoy calls (ext_authz Check, ext_proc streams: "
+                                   "one per HTTP request) by api and result (allowed, denied, error, abandoned)",
+                                   ["api", "result"], registry=r)
 
     def rules(self, loaded) -> None:
         for app, count in loaded.rule_counts.items():
@@ -141,15 +144,20 @@ class ObservedEngine:
         except EvaluationFailed as exc:
             self._failed(req, exc)
             raise
+        self.request_verdict(req.application, req.transaction_id, verdict, req.body_truncated)
+        return verdict
+
+    def request_verdict(self, app: str, transaction_id: str, verdict, body_truncated: bool = False) -> None:
+        """Counts and logs a request's verdict: evaluate() and the front
+        ends that drive a Transaction themselves (Envoy's ext_proc)."""
         kind = verdict_kind(verdict)
         if self._metrics is not None:
-            self._count(req, verdict, kind)
+            self._count(app or "default", body_truncated, verdict, kind)
         if kind == BLOCK:
             if self._info:
-                log.info("request blocked", extra=self._event(req, verdict))
+                log.info("request blocked", extra=self._event(transaction_id, app, verdict))
         elif self._debug:
-            log.debug("request evaluated", extra={**self._event(req, verdict), "verdict": kind})
-        return verdict
+            log.debug("request evaluated", extra={**self._event(transaction_id, app, verdict), "verdict": kind})
 
     def evaluate_response(self, resp, verdict=None):
         try:
@@ -170,6 +178,11 @@ class ObservedEngine:
                                                               "code": exc.code, "reason": exc.reason_name,
                                                               "error": exc.message})
             raise
+        self.response_verdict(resp.transaction_id, verdict)
+        return verdict
+
+    def response_verdict(self, transaction_id: str, verdict) -> None:
+        """Counts and logs the verdict on a response (phases 3-4)."""
         kind = verdict_kind(verdict)
         app = verdict.application or "default"
         if self._metrics is not None:
@@ -184,10 +197,16 @@ class ObservedEngine:
             self._schedule_flush()
         if kind == BLOCK:
             if self._info:
-                log.info("response blocked", extra=self._event(resp, verdict, app))
+                log.info("response blocked", extra=self._event(transaction_id, app, verdict))
         elif self._debug:
-            log.debug("response evaluated", extra={**self._event(resp, verdict, app), "verdict": kind})
-        return verdict
+            log.debug("response evaluated", extra={**self._event(transaction_id, app, verdict), "verdict": kind})
+
+    def envoy_call(self, api: str, result: str) -> None:
+        """One Envoy call ended: api ext_authz or ext_proc; result allowed,
+        denied, error or abandoned (Envoy ended the stream first)."""
+        if self._metrics is not None:
+            self._add(self._child(self._metrics.envoy_calls, api, result))
+            self._schedule_flush()
 
     def housekeeping(self) -> None:
         """Every second, from the worker's event loop: expired held
@@ -229,9 +248,8 @@ class ObservedEngine:
     def _add(self, child) -> None:
         self._counts[child] = self._counts.get(child, 0) + 1
 
-    def _count(self, req, verdict, kind: str) -> None:
+    def _count(self, app: str, body_truncated: bool, verdict, kind: str) -> None:
         m = self._metrics
-        app = req.application or "default"
         add = self._add
         add(self._child(m.evaluations, app, kind))
         seconds = verdict.engine_time_us / 1e6
@@ -241,7 +259,7 @@ class ObservedEngine:
             tally = self._observed[child] = [0] * len(self._bounds) + [0.0]
         tally[bisect.bisect_left(self._bounds, seconds)] += 1   # first bound >= seconds, as observe()
         tally[-1] += seconds
-        if req.body_truncated:
+        if body_truncated:
             add(self._child(m.invalid, app, "body_truncated"))
         if kind != PASS:
             outcome = "blocked" if kind == BLOCK else "passed"
@@ -261,21 +279,25 @@ class ObservedEngine:
         loop.call_later(FLUSH_S, self.flush)
 
     def _failed(self, req, exc: EvaluationFailed) -> None:
-        app = req.application or "default"
+        self.failed(req.application, req.transaction_id, exc)
+
+    def failed(self, app: str, transaction_id: str, exc: EvaluationFailed) -> None:
+        """Counts and logs an evaluation that has no verdict."""
+        app = app or "default"
         if self._metrics is not None:
             # Unknown application names are client input: not a label.
             label = app if app in self._engine.loaded.rule_counts else "_unknown"
             self._add(self._child(self._metrics.evaluations, label, ERROR))
             self._add(self._child(self._metrics.invalid, label, exc.reason_name.lower()))
             self._schedule_flush()
-        log.warning("evaluation failed", extra={"unique_id": req.transaction_id, "app": app,
+        log.warning("evaluation failed", extra={"unique_id": transaction_id, "app": app,
                                                 "code": exc.code, "reason": exc.reason_name,
                                                 "error": exc.message})
 
     @staticmethod
-    def _event(req, verdict, app: str = "") -> dict:
-        return {"unique_id": req.transaction_id or verdict.transaction_id,
-                "app": app or req.application or "default",
+    def _event(transaction_id: str, app: str, verdict) -> dict:
+        return {"unique_id": transaction_id or verdict.transaction_id,
+                "app": app or "default",
                 "status": verdict.status, "rules": [m.id for m in verdict.matches],
                 "engine_us": verdict.engine_time_us}
 

@@ -202,6 +202,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: EvaluationFailed) -> No
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Served beside waf.v1.Waf, with the same health (Envoy's gRPC health checks name them).
+ENVOY_SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -273,10 +275,14 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
     server = grpc.aio.server(options=options, interceptors=interceptors)
     servicer = WafServicer(engine, replica_id, workers)
     waf_pb2_grpc.add_WafServicer_to_server(servicer, server)
+    # Envoy's ext_authz and ext_proc, on the same port and engine (wafsvc/envoy_*.py).
+    from wafsvc import envoy_authz, envoy_extproc
+    envoy_services = (envoy_authz.add_to_server(server, engine), envoy_extproc.add_to_server(server, engine))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (SERVICE_NAME, *envoy_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         server,
     )
     # With credentials the port speaks TLS only: a plaintext client fails its handshake.
@@ -289,5 +295,5 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, *ENVOY_SERVICES):
         await health_servicer.set(name, status)
