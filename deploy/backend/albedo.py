@@ -75,8 +75,23 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            # Envoy's ext_proc in STREAMED mode drops Content-Length and
+            # forwards the body chunked.
+            return self._chunked_body()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
+
+    def _chunked_body(self) -> bytes:
+        parts = []
+        while True:
+            size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass   # trailers
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)   # the CRLF after each chunk
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               content_type: str | None = None) -> None:
