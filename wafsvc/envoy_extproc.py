@@ -31,9 +31,17 @@ FULL_DUPLEX_STREAMED and GRPC expect body mutations: refused with
 FAILED_PRECONDITION, so a misconfiguration fails (Envoy's failure mode
 decides) instead of leaving the WAF silently off.
 
+Debug headers (for tests and the CRS conformance run, like HAProxy's
+WAF_DEBUG_HEADERS): with the gRPC metadata `x-waf-debug-headers: 1` on the
+filter's grpc_service, the answer that ends the response adds x-waf-rules
+(every rule id matched in phases 1-5 of the transaction, "-" for none) and
+x-waf-transaction-id (the engine's transaction id, as in the audit log) to
+the response; with a BUFFERED response body that is the body's answer.
+
 Failures (unknown application, engine error, a message out of order) end
 the stream with the gRPC code and x-waf-error-reason; Envoy then applies
-its `failure_mode_allow` (false: the request fails with 500).
+its `failure_mode_allow` (false: the request fails with `status_on_error`,
+500 unless set; the shipped config says 503).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from wafsvc.transaction import TransactionStateError
 log = logging.getLogger("wafsvc.envoy")
 
 API = "ext_proc"
+DEBUG_METADATA = "x-waf-debug-headers"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"   # where Envoy puts `request_attributes`
 Mode = processing_mode_pb2.ProcessingMode
@@ -75,9 +84,14 @@ def _refused(message: str) -> EvaluationFailed:
     return EvaluationFailed("FAILED_PRECONDITION", message, waf_pb2.FIELD_INVALID)
 
 
-def immediate(verdict: waf_pb2.Verdict) -> pb.ProcessingResponse:
-    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
-        key=envoy_map.RULES_HEADER, raw_value=envoy_map.rule_ids(verdict)))]
+def immediate(verdict: waf_pb2.Verdict, debug_ids: list[int] | None = None) -> pb.ProcessingResponse:
+    """The denial Envoy sends instead of the request or response. With
+    debug headers, x-waf-rules lists the whole transaction's matches."""
+    ids = envoy_map.rule_ids(verdict) if debug_ids is None else " ".join(map(str, debug_ids)).encode()
+    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=envoy_map.RULES_HEADER, raw_value=ids))]
+    if debug_ids is not None:
+        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
+            key="x-waf-transaction-id", raw_value=verdict.transaction_id.encode())))
     if verdict.redirect_url:
         headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
             key="location", raw_value=verdict.redirect_url.encode())))
@@ -93,8 +107,10 @@ class Exchange:
     """One HTTP request and its response: the engine transaction and where
     it stands. handle() answers one message; close() ends it."""
 
-    def __init__(self, engine, app: str, ignore_rule_ids: tuple[int, ...]) -> None:
+    def __init__(self, engine, app: str, ignore_rule_ids: tuple[int, ...], debug: bool = False) -> None:
         self.engine = engine
+        self.debug = debug
+        self.matched: list[int] = []   # every rule id matched so far (debug headers)
         self.app = app
         self.ignore = ignore_rule_ids
         self.tx = None
@@ -114,6 +130,12 @@ class Exchange:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
             return self._request_headers(msg)
+        if self.tx is None and kind in ("response_headers", "response_body", "response_trailers"):
+            # Envoy's own answer to a request it refused before the filters
+            # (a malformed request line, a fragment): no request reached the
+            # backend, nothing to inspect. Failing here would turn Envoy's
+            # 400 into a 500.
+            return CONTINUE[kind]
         if self.tx is None:
             raise EvaluationFailed("FAILED_PRECONDITION", f"ext_proc sent {kind} before the request headers: "
                                    "request_header_mode must be SEND", waf_pb2.FIELD_INVALID)
@@ -170,9 +192,10 @@ class Exchange:
         verdict = self.tx.end_request(body_truncated=truncated, keep=True)
         self.request_ended = True
         self.engine.request_verdict(self.app, self.request_id, verdict, truncated)
+        self.matched += [m.id for m in verdict.matches]
         if envoy_map.blocked(verdict):
             self.result = "denied"
-            return immediate(verdict)
+            return immediate(verdict, self.matched if self.debug else None)
         self.result = "allowed"
         return CONTINUE[kind]
 
@@ -204,10 +227,22 @@ class Exchange:
     def _end_response(self, kind: str, truncated: bool = False) -> pb.ProcessingResponse:
         verdict = self.tx.end_response(body_truncated=truncated)
         self.engine.response_verdict(self.request_id, verdict)
+        self.matched += [m.id for m in verdict.matches]
         if envoy_map.blocked(verdict):
             self.result = "denied"
-            return immediate(verdict)
+            return immediate(verdict, self.matched if self.debug else None)
+        if self.debug:
+            return self._with_debug_headers(kind, verdict.transaction_id)
         return CONTINUE[kind]
+
+    def _with_debug_headers(self, kind: str, transaction_id: str) -> pb.ProcessingResponse:
+        answer = pb.ProcessingResponse()
+        answer.CopyFrom(CONTINUE[kind])
+        common = getattr(answer, kind).response
+        ids = " ".join(map(str, self.matched)) or "-"
+        for key, value in (("x-waf-rules", ids), ("x-waf-transaction-id", transaction_id)):
+            common.header_mutation.set_headers.add(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+        return answer
 
     def close(self) -> None:
         """Logging runs now if it has not (a response Envoy never sent)."""
@@ -248,8 +283,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         failure = None
         self.streams += 1
         try:
-            app, ignore = envoy_map.selection(context.invocation_metadata())
-            exchange = Exchange(self.engine, app, ignore)
+            metadata = context.invocation_metadata()
+            app, ignore = envoy_map.selection(metadata)
+            debug = any(key == DEBUG_METADATA and value in ("1", b"1") for key, value in metadata or ())
+            exchange = Exchange(self.engine, app, ignore, debug)
             async for msg in request_iterator:
                 answer = exchange.handle(msg)
                 yield answer

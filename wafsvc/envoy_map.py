@@ -73,6 +73,8 @@ class RequestLine:
             self.headers.append((name, value))
         if self.host:
             self.headers.insert(0, (b"host", self.host))
+        if self.method == "CONNECT" and not self.path:
+            self.path = self.host   # authority form: CONNECT host:port
         if not self.method or not self.path:
             raise invalid_field("Envoy sent request headers without :method or :path")
 

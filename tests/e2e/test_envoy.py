@@ -158,7 +158,7 @@ def waf_down(tmp_path_factory):
 
 
 @pytest.mark.parametrize("filter_name, allow, status", [
-    ("ext_proc", False, 500), ("ext_proc", True, 200), ("ext_authz", False, 503), ("ext_authz", True, 200)])
+    ("ext_proc", False, 503), ("ext_proc", True, 200), ("ext_authz", False, 503), ("ext_authz", True, 200)])
 def test_with_the_waf_down_envoys_failure_mode_is_honoured(waf_down, filter_name, allow, status):
     s, ports = waf_down
     port, admin = ports[filter_name, allow]

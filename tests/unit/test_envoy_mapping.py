@@ -245,3 +245,40 @@ def test_observability_mode_is_refused(engine):
 def test_a_body_before_the_headers_is_refused(engine):
     with pytest.raises(EvaluationFailed):
         run(engine, [body("request_body", b"x", True)])
+
+
+def test_debug_headers_list_every_match_of_the_transaction(engine):
+    exchange = Exchange(engine, "", (), debug=True)
+    try:
+        exchange.handle(request_headers(path="/?q=attack", config=pb.ProtocolConfiguration(
+            request_body_mode=Mode.STREAMED, response_body_mode=Mode.BUFFERED)))
+    finally:
+        exchange.close()
+    assert exchange.matched == [1001]
+
+
+def test_debug_headers_go_on_the_answer_that_ends_the_response(engine, tmp_path):
+    detect = Engine({"": RuleSetSpec(base_conf=str(REPO_RULES / "modsecurity.conf"), mode="detect",
+                                     extra_directives='SecRule ARGS "@contains attack" "id:1001,phase:2,deny,log"')})
+    exchange = Exchange(ObservedEngine(detect, None), "", (), debug=True)
+    try:
+        answers = [exchange.handle(m) for m in (request_headers(path="/?q=attack", config=STREAMED),
+                                                 response_headers(), body("response_body", b"<p>ok</p>", True))]
+    finally:
+        exchange.close()
+    assert kinds(answers) == ["request_headers", "response_headers", "response_body"]
+    added = {h.header.key: h.header.raw_value for h in answers[-1].response_body.response.header_mutation.set_headers}
+    assert added["x-waf-rules"] == b"1001"
+    assert added["x-waf-transaction-id"] == b"rid-1"
+
+
+def test_connect_takes_the_authority_as_its_uri():
+    line = envoy_map.RequestLine([(b":method", b"CONNECT"), (b":authority", b"example.com:443")])
+    assert line.path == b"example.com:443"
+
+
+def test_envoys_own_reply_to_a_refused_request_passes_untouched(engine):
+    """Envoy answers 400 itself to a request it refuses before the filters,
+    then runs the response through ext_proc: no request headers came."""
+    answers = run(engine, [response_headers(status=400), body("response_body", b"Bad Request", True)])
+    assert kinds(answers) == ["response_headers", "response_body"]
