@@ -1,4 +1,4 @@
-"""The two ways a test's requests are evaluated.
+"""The ways a test's requests are evaluated.
 
 - StackMode: raw bytes to HAProxy over a socket; the matched rule ids come
   back in that request's own response (X-Waf-Rules, set by the shipped
@@ -10,6 +10,11 @@
   request is kept for its response (inspect_response), and the response
   albedo would give (conformance/albedo.py) runs phases 3-4 on the same
   transaction, as the product does when a frontend inspects responses.
+- EnvoyMode: raw bytes to Envoy with ext_proc (deploy/envoy/ext_proc.yaml),
+  which inspects responses: every test is judged, response phases
+  included. The ids come back in x-waf-rules, the transaction id for the
+  audit log in x-waf-transaction-id (ext_proc's debug headers, asked for
+  with the gRPC metadata x-waf-debug-headers).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ RETRIES = 3  # a request the stack could not evaluate (X-Waf-Failed) is sent aga
 
 class StackMode:
     name = "stack"
+    proxy = "HAProxy"
+    id_header = "X-Unique-ID"       # the audit log's transaction.unique_id
 
     def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None,
                  inspects_responses: bool = False) -> None:
@@ -51,18 +58,27 @@ class StackMode:
                            matched_ids=[int(x) for x in (rules or "").split() if x.isdigit()])
         if rules is None:
             seen.reached_waf = False
-            seen.note = f"HAProxy answered {resp.status} without a WAF verdict (request never reached SPOE)"
+            seen.note = f"{self.proxy} answered {resp.status} without a WAF verdict (request never reached the WAF)"
         elif resp.header("X-Waf-Failed") == "1":
             seen.note = (f"the stack gave no verdict after {RETRIES} retries: "
                          f"{resp.header('X-Waf-Error') or 'X-Waf-Failed'}")
         if needs_log and self.audit_log is not None and rules is not None:
-            unique_id = resp.header("X-Unique-ID")
+            unique_id = resp.header(self.id_header)
             if unique_id:
                 # No entry: no logging rule matched (RelevantOnly), so no log text.
                 seen.log_text = self.audit_log.text_for(unique_id) or ""
             else:
                 seen.note = (seen.note + "; " if seen.note else "") + "no X-Unique-ID: log text unknown"
         return seen
+
+
+class EnvoyMode(StackMode):
+    name = "envoy"
+    proxy = "Envoy"
+    id_header = "X-Waf-Transaction-Id"
+
+    def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None) -> None:
+        super().__init__(host, port, timeout, audit_log, inspects_responses=True)
 
 
 class EngineMode:
