@@ -223,9 +223,11 @@ class Nginx(Setup):
         self.log.close()
 
 
-# The harness runs these, in this order. Response inspection (issue 13) and
-# Envoy (issue 16) add their classes here.
-SETUPS: tuple[type[Setup], ...] = (HaproxyAlone, Spoa, Nginx)
+# The harness runs these, in this order. Response inspection (issue 13) adds
+# its class here; Envoy's (issue 16) live in bench/envoy_setups.py.
+from bench.envoy_setups import EnvoyAuthz, EnvoyExtProc  # noqa: E402  (they build on Setup above)
+
+SETUPS: tuple[type[Setup], ...] = (HaproxyAlone, Spoa, Nginx, EnvoyAuthz, EnvoyExtProc)
 
 
 def batch_counters(metrics_port: int) -> tuple[float, float]:

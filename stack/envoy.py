@@ -54,8 +54,11 @@ def _merge(into: dict, changes: dict) -> None:
 
 
 def render_config(filter_name: str, out: pathlib.Path, *, listen_port: int, admin_port: int,
-                  wafsvc_ports: list[int], backend_port: int, filter_overrides: dict | None = None) -> pathlib.Path:
-    """deploy/envoy/<filter>.yaml with these addresses, written to `out`."""
+                  wafsvc_ports: list[int], backend_port: int, filter_overrides: dict | None = None,
+                  direct_response: str | None = None) -> pathlib.Path:
+    """deploy/envoy/<filter>.yaml with these addresses, written to `out`.
+    `direct_response`: Envoy answers 200 with this HTML itself instead of
+    routing to the backend (the bench, as HAProxy serves its page there)."""
     config = yaml.safe_load((ENVOY_DIR / f"{filter_name}.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
@@ -67,6 +70,12 @@ def render_config(filter_name: str, out: pathlib.Path, *, listen_port: int, admi
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (waf_filter,) = [f for f in manager["http_filters"] if f["name"] == FILTERS[filter_name]]
     _merge(waf_filter["typed_config"], filter_overrides or {})
+    if direct_response is not None:
+        for host in manager["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                route.pop("route", None)
+                route["direct_response"] = {"status": 200, "body": {"inline_string": direct_response}}
+                route["response_headers_to_add"] = [{"header": {"key": "content-type", "value": "text/html"}}]
     out.write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
@@ -79,6 +88,7 @@ class EnvoySpec(StackSpec):
     envoy_admin_port: int = field(default_factory=free_port)
     envoy_concurrency: int = 2
     filter_overrides: dict = field(default_factory=dict)
+    direct_response: str | None = None          # Envoy serves this page itself (no backend needed)
     config_dir: pathlib.Path | None = None     # where the rendered envoy.yaml goes (default: log_dir or a temp dir)
 
 
@@ -100,7 +110,8 @@ class EnvoyStack(Stack):
         where.mkdir(parents=True, exist_ok=True)
         config = render_config(filter_name, where / f"{name}-{filter_name}.yaml", listen_port=port,
                                admin_port=admin_port, wafsvc_ports=spec.wafsvc_ports,
-                               backend_port=spec.backend_port, filter_overrides=filter_overrides)
+                               backend_port=spec.backend_port, filter_overrides=filter_overrides,
+                               direct_response=spec.direct_response)
         proc = self._spawn(name, [envoy_binary(), "-c", str(config), "--disable-hot-restart",
                                   "--concurrency", str(spec.envoy_concurrency),
                                   "--log-level", os.environ.get("ENVOY_LOG_LEVEL", "warn")], {})
