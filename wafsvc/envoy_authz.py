@@ -44,8 +44,11 @@ PARTIAL_BODY_HEADER = b"x-envoy-auth-partial-body"
 
 
 def evaluate_request(check: external_auth_pb2.CheckRequest, app: str = "",
-                     ignore_rule_ids=()) -> waf_pb2.EvaluateRequest:
-    """The engine's request from Envoy's CheckRequest."""
+                     ignore_rule_ids=(), max_body_bytes: int = 0) -> waf_pb2.EvaluateRequest:
+    """The engine's request from Envoy's CheckRequest. A body longer than
+    wafsvc's WAF_MAX_BODY_BYTES is cut there and flagged as truncated, so
+    the truncated-body policy judges it instead of a refusal (which Envoy's
+    failure mode would decide)."""
     http = check.attributes.request.http
     if http.header_map.headers:
         pairs = [envoy_map.header_bytes(h) for h in http.header_map.headers]
@@ -57,10 +60,13 @@ def evaluate_request(check: external_auth_pb2.CheckRequest, app: str = "",
         pairs.append((b":authority", http.host.encode()))
     line = envoy_map.RequestLine(pairs)
     body = http.raw_body or http.body.encode()
-    partial = any(name == PARTIAL_BODY_HEADER and value == b"true" for name, value in line.headers)
+    cut = 0 < max_body_bytes < len(body)
+    if cut:
+        body = body[:max_body_bytes]
+    partial = cut or any(name == PARTIAL_BODY_HEADER and value == b"true" for name, value in line.headers)
     declared = http.size if http.size >= 0 else -1
     req = waf_pb2.EvaluateRequest(
-        transaction_id=line.request_id or http.id, method=line.method, uri=line.path,
+        transaction_id=envoy_map.transaction_id(line.request_id) or http.id, method=line.method, uri=line.path,
         http_version=envoy_map.http_version(http.protocol), body=body, application=app,
         ignore_rule_ids=ignore_rule_ids,
         body_truncated=partial or (declared > len(body)), content_length=declared)
@@ -106,7 +112,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext):
         try:
             app, ignore = envoy_map.selection(context.invocation_metadata())
-            req = evaluate_request(request, app, ignore)
+            limits = getattr(self.engine, "limits", None)   # wafsvc.limits.Limited checks the rest
+            req = evaluate_request(request, app, ignore, limits.max_body_bytes if limits else 0)
             verdict = self.engine.evaluate(req)
         except EvaluationFailed as exc:
             return await self._fail(context, exc)

@@ -57,6 +57,7 @@ from envoy.type.v3 import http_status_pb2
 from wafapi import waf_pb2
 from wafsvc import envoy_map
 from wafsvc.errors import EvaluationFailed
+from wafsvc.limits import check_request, check_response
 from wafsvc.transaction import TransactionStateError
 
 log = logging.getLogger("wafsvc.envoy")
@@ -164,16 +165,24 @@ class Exchange:
             raise TransactionStateError("ext_proc sent request headers twice on one stream")
         headers = msg.request_headers
         line = envoy_map.RequestLine(envoy_map.header_bytes(h) for h in headers.headers.headers)
-        self.request_id = line.request_id
+        self.request_id = envoy_map.transaction_id(line.request_id)
         attributes = _attributes(msg)
+        version = envoy_map.http_version(attributes.get("request.protocol", ""))
+        client = (_ip(attributes.get("source.address")), int(attributes.get("source.port") or 0),
+                  _ip(attributes.get("destination.address")), int(attributes.get("destination.port") or 0))
+        limits = getattr(self.engine, "limits", None)
+        if limits is not None:
+            # The same checks as every other caller's (wafsvc/limits.py); the
+            # body is streamed, so only SecRequestBodyLimit bounds it.
+            check_request(waf_pb2.EvaluateRequest(
+                transaction_id=self.request_id, method=line.method, uri=line.path, http_version=version,
+                headers=[waf_pb2.Header(name=n, value=v) for n, v in line.headers], application=self.app,
+                ignore_rule_ids=self.ignore, client_ip=client[0] if client[0] else "",
+                server_ip=client[2] if client[0] else ""), limits)
         self.tx = self.engine.begin(self.app, self.ignore, self.request_id)
-        if attributes.get("source.address"):
-            self.tx.connection(_ip(attributes.get("source.address")), int(attributes.get("source.port") or 0),
-                               _ip(attributes.get("destination.address")),
-                               int(attributes.get("destination.port") or 0))
-        decided = self.tx.request_headers(line.method, line.path,
-                                          envoy_map.http_version(attributes.get("request.protocol", "")),
-                                          line.headers)
+        if client[0]:
+            self.tx.connection(*client)
+        decided = self.tx.request_headers(line.method, line.path, version, line.headers)
         if decided or headers.end_of_stream:
             return self._end_request("request_headers")
         return CONTINUE["request_headers"]
@@ -209,6 +218,10 @@ class Exchange:
         if not self.tx.open:
             return CONTINUE["response_headers"]
         status, pairs = envoy_map.response_status(envoy_map.header_bytes(h) for h in headers.headers.headers)
+        limits = getattr(self.engine, "limits", None)
+        if limits is not None:
+            check_response(waf_pb2.ResponseRequest(
+                status=status, headers=[waf_pb2.Header(name=n, value=v) for n, v in pairs]), limits)
         self.response_started = True
         decided = self.tx.response_headers(status, pairs)
         if decided or headers.end_of_stream:

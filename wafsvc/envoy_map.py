@@ -79,6 +79,16 @@ class RequestLine:
             raise invalid_field("Envoy sent request headers without :method or :path")
 
 
+def transaction_id(request_id: str) -> str:
+    """x-request-id as the engine's transaction id, if it is a sane one: a
+    client may send its own when Envoy is told to keep it, and a long or
+    odd one must not turn into a refusal (wafsvc.limits); the engine then
+    makes one up."""
+    if 0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable():
+        return request_id
+    return ""
+
+
 def response_status(pairs: Iterable[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
     """(status, headers) of a response's header map."""
     status, headers = 0, []

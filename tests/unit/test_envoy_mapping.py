@@ -282,3 +282,15 @@ def test_envoys_own_reply_to_a_refused_request_passes_untouched(engine):
     then runs the response through ext_proc: no request headers came."""
     answers = run(engine, [response_headers(status=400), body("response_body", b"Bad Request", True)])
     assert kinds(answers) == ["response_headers", "response_body"]
+
+
+def test_a_body_over_wafsvcs_limit_is_cut_and_judged_as_truncated():
+    req = envoy_authz.evaluate_request(check_request(method="POST", path="/", raw_body=b"a" * 100, size=100),
+                                       max_body_bytes=64)
+    assert len(req.body) == 64 and req.body_truncated
+
+
+def test_an_odd_request_id_is_not_the_transaction_id():
+    assert envoy_map.transaction_id("4399dee2-9ddc-4328-bab1-fedd7360ffb1") == "4399dee2-9ddc-4328-bab1-fedd7360ffb1"
+    assert envoy_map.transaction_id("x" * 300) == ""
+    assert envoy_map.transaction_id("a\x00b") == ""
