@@ -51,7 +51,9 @@ def test_bench_smoke_writes_results(tmp_path):
         if key.endswith("/benign"):
             assert counts == {"200": 10}, (key, counts)
     # An open-loop curve per setup and rule set, at every fraction of its peak.
-    assert set(results["latency_curves"]) == {"haproxy/none", "spoa/crs", "spoa/trivial", "nginx/crs", "nginx/trivial"}
+    assert set(results["latency_curves"]) == {"haproxy/none", "spoa/crs", "spoa/trivial", "nginx/crs", "nginx/trivial",
+                                              "envoy_authz/crs", "envoy_authz/trivial", "envoy_extproc/crs",
+                                              "envoy_extproc/trivial"}
     for curve in results["latency_curves"].values():
         assert list(curve["points"]) == ["10%", "25%", "50%", "75%", "90%"]
         for point in curve["points"].values():
@@ -63,7 +65,8 @@ def test_bench_smoke_writes_results(tmp_path):
         assert results["throughput"][key]["rps"] > 0, key
     # No attack got through: 403 from the rules, or 503 when a loaded
     # machine ran past the gateway's deadline (fail closed, not timed here).
-    for key in ("spoa/crs/attack", "spoa/trivial/attack", "nginx/crs/attack"):
+    for key in ("spoa/crs/attack", "spoa/trivial/attack", "nginx/crs/attack", "envoy_authz/crs/attack",
+                "envoy_extproc/crs/attack"):
         statuses = results["throughput"][key]["statuses"]
         assert statuses and set(statuses) <= {"403", "503"}, (key, statuses)
     assert results["throughput"]["engine/crs/attack"]["verdicts"]["pass"] == 0
