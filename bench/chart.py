@@ -16,6 +16,7 @@ def draw(results: dict, path: pathlib.Path) -> None:
     from bench import setups
 
     labels = {**{cls.name: cls.label for cls in setups.SETUPS}, **LABELS}
+    colours = {cls.name: f"C{i}" for i, cls in enumerate(setups.SETUPS)}  # one colour per setup, both panels
     t = results["throughput"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
     for col, rules in enumerate(("crs", "trivial")):
@@ -41,9 +42,9 @@ def draw(results: dict, path: pathlib.Path) -> None:
                 continue
             points = list(curve["points"].values())
             ax.plot([p["offered_rate"] for p in points], [p["latency_us"]["p99"] / 1000 for p in points],
-                    marker="o", label=f"{labels.get(name, name).replace(chr(10), ' ')} p99")
+                    marker="o", color=colours.get(name), label=f"{labels.get(name, name).replace(chr(10), ' ')} p99")
             ax.plot([p["offered_rate"] for p in points], [p["latency_us"]["p50"] / 1000 for p in points],
-                    linestyle=":", color=ax.lines[-1].get_color())
+                    linestyle=":", color=colours.get(name))
         ax.set_title("latency, open loop (dotted: p50), 10–90% of each setup's peak", fontsize=9)
         ax.set_xlabel("offered requests/s")
         ax.set_ylabel("ms")

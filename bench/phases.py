@@ -177,7 +177,8 @@ def soak(setup: setups.Setup, rules: str, requests: int, rps: float, connections
          work_dir: pathlib.Path) -> dict:
     """RSS of every process before and after `requests` requests."""
     before = memory_of(setup.groups(rules))
-    seconds = max(2.0, requests / max(1.0, rps) * 3)
+    # wrk runs its whole -d even after the script stops it: not much longer than needed.
+    seconds = max(2.0, requests / max(1.0, rps) * 1.5)
     run = loadgen.run(setup.port(rules), "benign", seconds, work_dir, connections=connections,
                       stop_after=requests, groups=setup.groups(rules))
     return {"soak_requests": run["requests"], "before": before, "after": memory_of(setup.groups(rules))}

@@ -155,9 +155,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {rules} | {mix} | {run['rps']:,.0f} | {runs} | {run.get('failed', 0)} | {batch} | "
                      f"{busy:.0%} | {_cpu_text(run)} |")
     lines += ["", "## Latency curves, open loop, benign mix (each setup at fractions of its own peak)", "",
-              "Latency counts from each request's intended send time. slip = how late the generator sent "
-              "although a connection was free; queued = requests that found every connection busy (they "
-              "still count from their intended time). p99 min–max is over the rounds.", "",
+              "Latency counts from each request's intended send time. achieved = the measured window's "
+              "requests over the time until the last of them was answered (below offered when the setup "
+              "fell behind); slip = how late the generator sent although a connection was free; queued = "
+              "requests that found every connection busy (they still count from their intended time). "
+              "p99 min–max is over the rounds.", "",
               "| setup | rules | load | offered/s | achieved/s | p50 ms | p99 ms (min–max) | p99.9 ms | "
               "slip p99 ms | queued | 5xx | CPU µs/req |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for key, curve in results.get("latency_curves", {}).items():
