@@ -1,7 +1,7 @@
 """Where the CPU goes: py-spy profiles of the gateway and one wafsvc worker
 while the benchmark's trivial-rule stack is under wrk load.
 
-    python -m bench.profile            # writes bench/results/profile.md
+    python -m bench.profile            # writes bench/results/profile-trivial.md
 
 py-spy samples with native frames; each process's samples are split by
 thread and by component (gRPC core, event loop, syscalls, our code...), so
@@ -65,7 +65,7 @@ def summarise(raw: pathlib.Path) -> tuple[int, collections.Counter, collections.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "profile.md")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "profile-trivial.md")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).with_name("py-spy"))
     haproxy = shutil.which("haproxy")

@@ -67,6 +67,15 @@ def summarise(results: dict) -> dict:
     if have("spoa/trivial/benign", "engine/trivial/benign"):
         s["wafsvc_overhead_us_per_request_trivial"] = (t["spoa/trivial/benign"]["cpu_us_per_request"]["wafsvc"]
                                                        - t["engine/trivial/benign"]["cpu_us_per_request"]["engine"])
+    # Against nginx + ModSecurity at the same load: both engines pay the same
+    # for light load (an engine idle between requests runs colder, about
+    # +50% with CRS here: bench/results/profile.md), which the hot-loop
+    # engine figure above does not.
+    if have("spoa/crs/benign", "nginx/crs/benign"):
+        s["cpu_ratio_vs_nginx_modsec"] = _cpu(t["spoa/crs/benign"]) / _cpu(t["nginx/crs/benign"], ("nginx",))
+    ours_half, nginx_half = _same_rate(results, "spoa", "crs"), _same_rate(results, "nginx", "crs")
+    if ours_half and nginx_half:
+        s["cpu_ratio_vs_nginx_modsec_half_load"] = _cpu(ours_half) / _cpu(nginx_half, ("nginx",))
     for mix, suffix in (("benign", ""), ("attack", "_attack")):
         if have(f"spoa/crs/{mix}", f"nginx/crs/{mix}"):
             s[f"throughput_ratio_vs_nginx_modsec{suffix}"] = t[f"spoa/crs/{mix}"]["rps"] / t[f"nginx/crs/{mix}"]["rps"]

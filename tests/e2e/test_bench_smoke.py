@@ -21,7 +21,8 @@ HEADLINE = ("cpu_ratio_vs_engine", "cpu_ratio_vs_engine_without_haproxy", "cpu_r
             "throughput_ratio_vs_nginx_modsec", "throughput_ratio_vs_nginx_modsec_attack",
             "throughput_ratio_vs_haproxy_nowaf", "p99_added_ms", "p99_half_load_ratio_vs_nginx_trivial",
             "p99_half_load_ratio_vs_nginx_crs", "rss_growth_mib", "gateway_evaluations_per_s_trivial",
-            "gateway_evaluations_per_cpu_s_isolated", "gateway_evaluations_per_cpu_s_isolated_half_load")
+            "gateway_evaluations_per_cpu_s_isolated", "gateway_evaluations_per_cpu_s_isolated_half_load",
+            "cpu_ratio_vs_nginx_modsec", "cpu_ratio_vs_nginx_modsec_half_load")
 
 missing = [tool for tool in ("wrk", "nginx", "gcc") if shutil.which(tool) is None]
 for module in ("modsecurity", "echo"):

@@ -35,7 +35,7 @@ def _results() -> dict:
                "spoa/trivial/benign@2000": _lat(2300, haproxy=30, gateway=200, wafsvc=150),
                "nginx/trivial/benign@2000": _lat(4600, nginx=150),
                "spoa/crs/benign@450": _lat(30000, haproxy=60, gateway=300, wafsvc=2200),
-               "nginx/crs/benign@450": _lat(20000, nginx=2200)}
+               "nginx/crs/benign@450": _lat(20000, nginx=3200)}
     memory = {"before": {"gateway:1": {"rss_kib": 50_000}, "wafsvc:2": {"rss_kib": 40_000},
                          "haproxy:3": {"rss_kib": 10_000}},
               "after": {"gateway:1": {"rss_kib": 51_024}, "wafsvc:2": {"rss_kib": 41_024},
@@ -52,6 +52,9 @@ def test_summary_ratios():
     # At half load: the open-loop run of modsec-spoa at half its peak.
     assert s["cpu_ratio_vs_engine_half_load"] == 2560 / 2000
     assert s["cpu_ratio_vs_engine_half_load_without_haproxy"] == 2500 / 2000
+    # CPU against nginx + ModSecurity's, at saturation and at the same half-load rate.
+    assert s["cpu_ratio_vs_nginx_modsec"] == 2250 / 3000
+    assert s["cpu_ratio_vs_nginx_modsec_half_load"] == 2560 / 3200
     assert s["wafsvc_overhead_us_per_request_crs"] == 100
     assert s["wafsvc_overhead_us_per_request_trivial"] == 50
     assert s["throughput_ratio_vs_nginx_modsec"] == 1.5
@@ -137,3 +140,19 @@ def test_lua_table_escapes_every_request_byte_exactly():
                 i += 1
         assert bytes(out) == raw
         assert raw.split(b"\r\n\r\n", 1)[1] == req.body
+
+
+def test_engine_run_batches_cycle_the_set_whole():
+    """The stream handler's work in-process (scripts/wafsvc_cost.py): every
+    request of the set, in order, each ref once."""
+    from bench import engine_run
+    from wafapi import waf_pb2
+
+    varied = engine_run.request_set("benign", "varied")
+    assert len(varied) == 40 * len(workloads.BENIGN) and len({(r.path, r.body) for r in varied}) == len(varied)
+    requests = engine_run.mapped(engine_run.request_set("benign", "mix"))
+    encoded = engine_run.batches(requests, 4)
+    items = [item for data in encoded for item in waf_pb2.EvaluateBatch.FromString(data).requests]
+    assert all(len(waf_pb2.EvaluateBatch.FromString(d).requests) == 4 for d in encoded)
+    assert len(items) == 20 and len({i.ref for i in items}) == 20
+    assert [i.request.uri for i in items] == [r.uri for r in requests] * 2
