@@ -2,7 +2,7 @@
 and nginx + ModSecurity, side by side on this machine, plus the gateway
 alone (bench/gateway_isolated.py).
 
-    python -m bench                 # the full run, about 20 minutes
+    python -m bench                 # the full run, about 30 minutes
     python -m bench --smoke         # every code path in a minute (tests)
     python -m bench --setups spoa,nginx --rounds 1   # a quick look
 

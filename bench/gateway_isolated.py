@@ -3,6 +3,7 @@
     python -m bench.gateway_isolated                       # saturation and half load
     python -m bench.gateway_isolated --seconds 3 --rounds 1 --haproxy 3.2
     python -m bench.gateway_isolated --gateway-env GATEWAY_STREAMS=1
+    python -m bench.gateway_isolated --rounds 1 --profile   # + py-spy of the gateway
 
 The real gateway process (`python -m gateway`) between a synthetic HAProxy
 (bench/spop_driver.py: HAProxy's HELLO, the shipped SPOE message, pipelined
@@ -25,8 +26,10 @@ import json
 import os
 import pathlib
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import uvloop
@@ -111,8 +114,26 @@ def _busy(before: dict, after: dict, name: str) -> float:
     return round(1.0 - (delta[3] + delta[4]) / max(1, sum(delta)), 3)
 
 
+def py_spy(pid: int, seconds: float, raw: pathlib.Path) -> None:
+    """py-spy --native of the gateway for `seconds` (it slows what it samples)."""
+    spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).with_name("py-spy"))
+    subprocess.run([spy, "record", "--native", "-r", "200", "-d", str(max(1, int(seconds))), "--format", "raw",
+                    "-o", str(raw), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+
+def profile_table(raw: pathlib.Path) -> list[str]:
+    from bench.profile import summarise
+
+    total, by_component, by_thread = summarise(raw)
+    lines = ["| component | share of samples |", "|---|---:|"]
+    lines += [f"| {comp} | {n / total:.1%} |" for comp, n in by_component.most_common()]
+    lines += [f"| thread: {thread} | {n / total:.1%} |" for thread, n in by_thread.most_common()]
+    return lines
+
+
 async def measure(procs: Processes, version: str, mix: str, connections: int, depth: int,
-                  rate: float, warmup_s: float, seconds: float, gateway_cpus: set[int]) -> dict:
+                  rate: float, warmup_s: float, seconds: float, gateway_cpus: set[int],
+                  profile: pathlib.Path | None = None) -> dict:
     """One run, closed loop when rate is 0; returns its figures. Closed loop
     keeps `depth` NOTIFYs in flight per connection; open loop allows what
     HAProxy allows (MAX_DEPTH), so only the gateway's pace limits it."""
@@ -123,7 +144,10 @@ async def measure(procs: Processes, version: str, mix: str, connections: int, de
     async def window() -> None:
         for mark in ("start", "end"):
             if mark == "end":
-                await asyncio.sleep(seconds)
+                if profile is not None:  # the window's figures then include py-spy's slowdown
+                    await asyncio.to_thread(py_spy, procs.gateway.pid, seconds, profile)
+                else:
+                    await asyncio.sleep(seconds)
             marks[mark] = {"t": time.monotonic(), "acks": driver.tally.acks, "cpu": procs.cpu(),
                            "stat": _cpu_times(),
                            "batches": await asyncio.to_thread(batch_counters, procs.metrics_port)}
@@ -176,15 +200,17 @@ def _point(runs: list[dict]) -> dict:
 
 def run(*, versions=("2.6",), loads=(0.5,), seconds: float = 5.0, warmup_s: float = 1.0, rounds: int = 3,
         connections: int = 32, depth: int = 4, mix: str = "benign", stub_workers: int = 2,
-        gateway_env: dict[str, str] | None = None, log_dir: pathlib.Path | None = None, log=print) -> dict:
+        gateway_env: dict[str, str] | None = None, log_dir: pathlib.Path | None = None, log=print,
+        profile: bool = False) -> dict:
     """Saturation, then each load fraction of the median peak, per HAProxy version."""
     gateway_cpus, other_cpus = cpu_split()
-    log_dir = log_dir or pathlib.Path("/tmp") / f"gateway-isolated-{os.getpid()}"
+    own_dir = log_dir is None  # ours to remove when all went well; kept (logs) when not
+    log_dir = log_dir or pathlib.Path(tempfile.mkdtemp(prefix="gateway-isolated-"))
     out = {"settings": {"seconds": seconds, "warmup_s": warmup_s, "rounds": rounds, "connections": connections,
                         "depth": depth, "mix": mix, "stub_workers": stub_workers, "loads": list(loads),
                         "gateway_env": {**GATEWAY_ENV, **(gateway_env or {})},
                         "cpus": {"gateway": sorted(gateway_cpus), "driver_and_stub": sorted(other_cpus)}},
-           "runs": {}, "points": {}}
+           "runs": {}, "points": {}, "profiles": {}}
     own_affinity = os.sched_getaffinity(0)
     procs = Processes(log_dir, stub_workers, gateway_env or {}, gateway_cpus, other_cpus)
     try:
@@ -196,6 +222,12 @@ def run(*, versions=("2.6",), loads=(0.5,), seconds: float = 5.0, warmup_s: floa
                 result = uvloop.run(measure(procs, version, mix, connections, depth, rate, warmup_s,
                                             seconds, gateway_cpus))
                 runs.setdefault(label, []).append(result)
+                if profile and len(runs[label]) == rounds:  # one more window, sampled
+                    raw = log_dir / f"gateway-{version}-{label.rstrip('%')}.raw"
+                    profiled = uvloop.run(measure(procs, version, mix, connections, depth, rate, warmup_s,
+                                                  seconds, gateway_cpus, raw))
+                    out["profiles"].setdefault(version, {})[label] = {
+                        "evaluations_per_s": profiled["evaluations_per_s"], "table": profile_table(raw)}
                 log(f"gateway isolated, HAProxy {version}, {label}: {result['evaluations_per_s']:,.0f}/s, "
                     f"{result['evaluations_per_gateway_cpu_s']:,.0f} per gateway CPU-s, "
                     f"gateway {result['gateway_cpu_share']:.0%} of its core (core busy "
@@ -214,6 +246,8 @@ def run(*, versions=("2.6",), loads=(0.5,), seconds: float = 5.0, warmup_s: floa
     finally:
         os.sched_setaffinity(0, own_affinity)
         procs.stop()
+    if own_dir:
+        shutil.rmtree(log_dir, ignore_errors=True)
     first = out["points"][versions[0]]
     out["evaluations_per_gateway_cpu_s"] = first["saturation"]["evaluations_per_gateway_cpu_s"]["median"]
     if loads:
@@ -256,16 +290,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stub-workers", type=int, default=2)
     parser.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra gateway setting, e.g. GATEWAY_STREAMS=1 (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds of each load, one more window under py-spy --native")
     parser.add_argument("--out", type=pathlib.Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
     result = run(versions=tuple(args.haproxy or ("2.6",)), loads=tuple(args.load or (0.5,)),
                  seconds=args.seconds, warmup_s=args.warmup, rounds=args.rounds, connections=args.connections,
                  depth=args.depth, mix=args.mix, stub_workers=args.stub_workers, gateway_env=gateway_env,
-                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                 log=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
+    for version, labels in result["profiles"].items():
+        for label, prof in labels.items():
+            print(f"\n### gateway, HAProxy {version}, {label} (py-spy --native; "
+                  f"{prof['evaluations_per_s']:,.0f} evaluations/s while sampled)\n")
+            print("\n".join(prof["table"]))
     figure = result["evaluations_per_gateway_cpu_s"]
     print(f"\nevaluations per gateway CPU-second at saturation: {figure:,.0f} (target >= {TARGET:,.0f})")
     failed = sum(p["failed"] for points in result["points"].values() for p in points.values())

@@ -88,3 +88,14 @@ def test_percentiles_use_the_nearest_rank():
     assert (p["p50"], p["p99"], p["p999"], p["max"], p["samples"]) == (500, 990, 999, 1000, 1000)
     assert stats.percentiles_us([])["samples"] == 0
     assert stats.spread([3, 1, 2]) == {"min": 1, "median": 2, "max": 3}
+
+
+def test_gateway_profile_table_shares_add_up(tmp_path):
+    from bench.gateway_isolated import profile_table
+
+    raw = tmp_path / "g.raw"
+    raw.write_text("main;_run_module_as_main (runpy);_decode_notify (gateway/spop/frames.py:336) 3\n"
+                   "poller;epoll_wait (libc.so.6) 1\n")
+    lines = profile_table(raw)
+    assert "| SPOP codec | 75.0% |" in lines and "| syscalls: epoll (waiting) | 25.0% |" in lines
+    assert "| thread: gRPC poller thread | 25.0% |" in lines
