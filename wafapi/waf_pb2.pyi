@@ -208,7 +208,7 @@ class ListApplicationsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Application(_message.Message):
-    __slots__ = ("name", "is_default", "mode", "failure_policy", "truncated_body", "response_inspection", "transaction_ttl_ms", "response_miss_policy", "rules", "preloaded_ignore_lists", "request_body_limit")
+    __slots__ = ("name", "is_default", "mode", "failure_policy", "truncated_body", "response_inspection", "transaction_ttl_ms", "response_miss_policy", "rules", "preloaded_ignore_lists", "request_body_limit", "truncated_response_body", "min_inspected_body")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class Application(_message.Message):
     RULES_FIELD_NUMBER: _ClassVar[int]
     PRELOADED_IGNORE_LISTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_BODY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_RESPONSE_BODY_FIELD_NUMBER: _ClassVar[int]
+    MIN_INSPECTED_BODY_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     mode: str
@@ -231,7 +233,9 @@ class Application(_message.Message):
     rules: int
     preloaded_ignore_lists: _containers.RepeatedScalarFieldContainer[str]
     request_body_limit: int
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., mode: _Optional[str] = ..., failure_policy: _Optional[str] = ..., truncated_body: _Optional[str] = ..., response_inspection: _Optional[bool] = ..., transaction_ttl_ms: _Optional[int] = ..., response_miss_policy: _Optional[str] = ..., rules: _Optional[int] = ..., preloaded_ignore_lists: _Optional[_Iterable[str]] = ..., request_body_limit: _Optional[int] = ...) -> None: ...
+    truncated_response_body: str
+    min_inspected_body: int
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., mode: _Optional[str] = ..., failure_policy: _Optional[str] = ..., truncated_body: _Optional[str] = ..., response_inspection: _Optional[bool] = ..., transaction_ttl_ms: _Optional[int] = ..., response_miss_policy: _Optional[str] = ..., rules: _Optional[int] = ..., preloaded_ignore_lists: _Optional[_Iterable[str]] = ..., request_body_limit: _Optional[int] = ..., truncated_response_body: _Optional[str] = ..., min_inspected_body: _Optional[int] = ...) -> None: ...
 
 class ListApplicationsResponse(_message.Message):
     __slots__ = ("applications", "unknown_application")
