@@ -1,12 +1,17 @@
 """wafsvc entry point: load rules, fork workers, supervise them.
 
     python -m wafsvc --crs-dir /usr/share/modsecurity-crs --workers 2
+    python -m wafsvc --config /etc/modsec-spoa/apps.yaml
+    python -m wafsvc --validate /etc/modsec-spoa/apps.yaml   # 0 valid, 1 invalid, 2 usage
 
 The parent loads and checks the rules before forking, so workers share that
 memory and a bad rule file fails at start. gRPC is created only inside the
 workers, after fork (gRPC must not be initialised before fork()).
 
-Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads rules everywhere.
+Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the applications
+file (WAF_CONFIG) and every rule set: first in the supervisor, then, if that
+worked, in each worker in turn (RELOAD_STAGGER_S apart), so that while one
+worker parses the others keep answering.
 
 Drain: health turns NOT_SERVING, the server refuses new calls (GOAWAY), every
 stream ends as soon as it has answered what it read (idle ones at once; the
@@ -27,6 +32,7 @@ import time
 from common import logs
 from common.options import ConfigError, config_error
 from common.secrets import read_secret
+from wafsvc.apps import Applications, from_config
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
 from wafsvc.lifetime import die_with_parent
@@ -36,22 +42,19 @@ from wafsvc.rules import RuleSetSpec, RulesError
 log = logging.getLogger("wafsvc")
 
 RESTART_BACKOFF_S = 0.5
+# Workers reload one after the other: a worker parsing CRS answers nothing
+# for 50-100 ms per distinct rule set, and the gateway moves work to the
+# ones that answer.
+RELOAD_STAGGER_S = 0.5
 
 
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
-    common = dict(base_conf=config.base_conf, mode=config.mode, crs_dir=config.crs_dir,
-                  crs_setup=config.crs_setup, paranoia=config.paranoia,
-                  extra_directives=config.extra_directives,
-                  audit_log=config.audit_log, audit_log_parts=config.audit_log_parts)
-    specs = {}
-    if config.rules or config.crs_dir:
-        specs[""] = RuleSetSpec(rules_file=config.rules, **common)
-    for name, path in config.apps.items():
-        specs[name] = RuleSetSpec(rules_file=path, **common)
-    return specs
+    """Rule-set specs by application, "" for the default (tools, conformance)."""
+    apps = from_config(config)
+    return {("" if name == apps.default else name): app.rules for name, app in apps.apps.items()}
 
 
-async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
+async def serve(config: WafConfig, engine: Engine, replica_id: str, index: int = 0) -> None:
     from wafsvc.limits import Limited, Limits
     from wafsvc.metrics import observe
     from wafsvc.responses import Responses
@@ -83,7 +86,14 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str) -> None:
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(engine, config) and observed.sync_rules())
+    pending_reload: list[asyncio.TimerHandle] = []
+
+    def reload_soon() -> None:
+        for handle in pending_reload:
+            handle.cancel()
+        pending_reload[:] = [loop.call_later(index * RELOAD_STAGGER_S,
+                                             lambda: reload(engine, config) and observed.sync_rules())]
+    loop.add_signal_handler(signal.SIGHUP, reload_soon)
     housekeeping = asyncio.create_task(servicer.housekeeping())
     watchdog = None
     if config.worker_max_rss_mb:
@@ -131,28 +141,36 @@ async def watch_rss(limit_mb: int, stopping: asyncio.Event) -> None:
 
 
 def reload(engine: Engine, config: WafConfig) -> bool:
-    """Parses the rules again; on any error the rules in service stay."""
+    """Reads the applications file and parses every rule set again; on any
+    error the applications and rules in service stay."""
     started = time.perf_counter()
     try:
-        loaded = engine.reload(rule_specs(config))
+        loaded = engine.reload(from_config(config))
+    except ConfigError as exc:   # the file itself (AppFileError: file and line)
+        engine.reload_failures += 1
+        engine.last_reload_error = str(exc)
+        log.error("reload failed; the previous applications and rules stay in service", extra={
+            "error": str(exc), "reload_failures": engine.reload_failures})
+        return False
     except RulesError as exc:
         log.error("rule reload failed; the previous rules stay in service", extra={
             "error": str(exc), "reload_failures": engine.reload_failures})
         return False
-    log.info("rules reloaded", extra={"rules": dict(loaded.rule_counts),
+    log.info("rules reloaded", extra={"rules": dict(loaded.rule_counts), "rule_sets": loaded.rule_sets,
+                                      "default": engine.apps.default,
                                       "reload_successes": engine.reload_successes,
                                       "seconds": round(time.perf_counter() - started, 3)})
     return True
 
 
-def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int) -> int:
+def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int, index: int = 0) -> int:
     # A worker whose supervisor was killed drains and exits instead of
     # serving on, unsupervised, beside the replica that replaces it.
     die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         import uvloop
-        uvloop.run(serve(config, engine, replica_id))
+        uvloop.run(serve(config, engine, replica_id, index))
     except Exception:
         log.exception("worker failed")
         return 1
@@ -174,7 +192,7 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os._exit(run_worker(self.config, self.engine, self.replica_id, parent))
+            os._exit(run_worker(self.config, self.engine, self.replica_id, parent, index))
         self.children[pid] = index
         if self.exporter is not None:
             self.exporter.worker_started()
@@ -197,13 +215,15 @@ class Supervisor:
                 ok = reload(self.engine, self.config)  # so restarted workers get the new rules
                 if self.exporter is not None:
                     self.exporter.reloaded(ok, self.engine)
-                self.signal_children(signal.SIGHUP)
+                if ok:  # what failed here would fail in every worker: they keep serving as they are
+                    self.signal_children(signal.SIGHUP)
             self.reap(restart=not stopping)
         if self.exporter is not None:
             self.exporter.stop()
         return 0
 
     def signal_children(self, signo: int) -> None:
+        # The metrics server ignores SIGHUP; it is not in self.children anyway.
         for pid in self.children:
             try:
                 os.kill(pid, signo)
@@ -226,9 +246,52 @@ class Supervisor:
                 self.spawn(index)
 
 
+def validate(path: str, argv: list[str]) -> int:
+    """--validate: reads the applications file as the service would (with
+    the environment's defaults) and parses every rule set. 0 valid, 1 not,
+    2 a usage or environment error."""
+    try:
+        config = WafConfig.from_args([*argv, "--config", path])
+    except ConfigError as exc:
+        return config_error("wafsvc", str(exc))
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        apps = from_config(config)
+        engine = Engine(apps, config.ignore_profiles)
+    except (ConfigError, RulesError) as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(describe(apps, engine))
+    return 0
+
+
+def describe(apps: Applications, engine: Engine) -> str:
+    """One line per application, then what the rule sets cost to keep."""
+    lines = [f"{apps.source}: valid; {len(apps.apps)} application(s), {engine.loaded.rule_sets} distinct "
+             f"rule set(s); unknown applications: {apps.unknown}"]
+    for name, app in apps.apps.items():
+        flags = [app.mode, f"{engine.loaded.rule_counts[name]} rules",
+                 f"failure {app.failure_policy or 'caller'}",
+                 f"truncated body {app.truncated_body} (min {app.min_inspected})",
+                 f"truncated response {app.truncated_response_body}",
+                 "responses " + ("inspected" if app.response_inspection else "not inspected")]
+        if app.ignore_lists:
+            flags.append("ignore lists " + "; ".join(" ".join(map(str, ids)) for ids in app.ignore_lists))
+        marker = " (default)" if name == apps.default else ""
+        lines.append(f"  {name}{marker}: {', '.join(flags)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--validate" in argv:
+        at = argv.index("--validate")
+        if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
+            return config_error("wafsvc", "--validate needs the applications file: --validate CONFIG")
+        return validate(argv[at + 1], argv[:at] + argv[at + 2:])
     try:
         config = WafConfig.from_args(argv)
+        apps = from_config(config)
     except ConfigError as exc:
         return config_error("wafsvc", str(exc))
     logs.setup(config.log_level, "wafsvc")
@@ -246,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             return config_error("wafsvc", f"WAF_TOKEN_FILE: {exc}")
     try:
-        engine = Engine(rule_specs(config), config.ignore_profiles, config.truncated_body,
-                        preload=config.ignore_preload,
+        engine = Engine(apps, config.ignore_profiles,
                         ignore_budget=IgnoreListBudget(config.ignore_new_lists_per_min))
     except RulesError as exc:
         log.error("cannot load rules", extra={"error": str(exc)})
@@ -255,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             exporter.stop()
         return 1
     log.info("rules loaded", extra={"rules": dict(engine.loaded.rule_counts), "workers": config.workers,
-                                    "mode": config.mode, "paranoia": config.paranoia})
+                                    "rule_sets": engine.loaded.rule_sets, "default": apps.default,
+                                    "source": apps.source,
+                                    "modes": {name: app.mode for name, app in apps.apps.items()}})
     if exporter is not None:
         # The supervisor's own gauge too: livemin would take its unset 0.
         exporter.metrics.rules(engine.loaded)

@@ -47,23 +47,31 @@ OPTIONS = (
            "gRPC address; every worker binds it with SO_REUSEPORT"),
     Option("workers", "WAF_WORKERS", 0,
            "worker processes (0 = one per CPU this process may use)", int),
+    Option("config", "WAF_CONFIG", "",
+           "applications file (YAML; README, Several sites): many applications, each with its own rules "
+           "and policies; the settings below marked (app) are then the defaults it starts from"),
+    Option("unknown_application", "WAF_UNKNOWN_APPLICATION", "default",
+           "a request naming an application that is not configured: default = judged by the default "
+           "application, refuse = NOT_FOUND (UNKNOWN_APPLICATION), the caller's failure policy applies",
+           choices=("default", "refuse")),
     Option("rules", "RULES", "",
-           "ModSecurity rules file loaded after CRS (may Include others); as in the original agent"),
+           "(app) ModSecurity rules file loaded after CRS (may Include others); as in the original agent"),
     Option("crs_dir", "CRS_DIR", "",
-           "OWASP CRS directory holding rules/*.conf (v3 or v4); empty = no CRS"),
+           "(app) OWASP CRS directory holding rules/*.conf (v3 or v4); empty = no CRS"),
     Option("crs_setup", "CRS_SETUP", "",
-           "CRS setup file; default CRS_DIR/crs-setup.conf, else crs-setup.conf.example, "
+           "(app) CRS setup file; default CRS_DIR/crs-setup.conf, else crs-setup.conf.example, "
            "else Debian's /etc/modsecurity/crs/crs-setup.conf"),
-    Option("paranoia", "PARANOIA", 1, "CRS blocking paranoia level, 1 to 4", int),
+    Option("paranoia", "PARANOIA", 1, "(app) CRS blocking paranoia level, 1 to 4", int),
     Option("mode", "MODE", "block",
-           "block: disruptive rules deny; detect: DetectionOnly, matches are reported only",
+           "(app) block: disruptive rules deny; detect: DetectionOnly, matches are reported only",
            choices=("block", "detect")),
     Option("apps", "WAF_APPS", {},
-           "extra named rule sets, NAME=RULES_FILE[,...]; requests pick one by name", _apps),
+           "extra applications without WAF_CONFIG, NAME=RULES_FILE[,...]: each is the default application "
+           "with another RULES file; requests pick one by name", _apps),
     Option("base_conf", "WAF_BASE_CONF", str(REPO_RULES / "modsecurity.conf"),
            "engine base configuration loaded first (body access, limits, parsers)"),
     Option("extra_directives", "WAF_DIRECTIVES", "",
-           "extra ModSecurity directives appended last (e.g. 'SecPcreMatchLimit 100000')"),
+           "(app) extra ModSecurity directives appended last (e.g. 'SecPcreMatchLimit 100000')"),
     Option("ignore_profiles", "WAF_IGNORE_PROFILES", 32,
            "rule sets kept per distinct ignored-rule list (each costs a rule set's memory)", int),
     Option("ignore_preload", "WAF_IGNORE_PRELOAD", (),
@@ -94,12 +102,21 @@ OPTIONS = (
            "bodies", _audit_parts),
     Option("drain_grace_ms", "WAF_DRAIN_GRACE_MS", 10000,
            "on SIGTERM, longest wait for evaluations in flight; idle streams end at once", int),
-    Option("truncated_body", "WAF_TRUNCATED_BODY", "block",
-           "a request whose body arrived cut short (body_truncated): block = deny (403) after "
-           "inspecting what arrived, allow = inspect what arrived and let it through; both "
-           "report rule 99010", choices=("block", "allow")),
+    Option("truncated_body", "WAF_TRUNCATED_BODY", "pass",
+           "(app) a request whose body arrived cut short (body_truncated, e.g. longer than HAProxy's "
+           "tune.bufsize): pass = inspect what arrived and let it through, flagged; block = deny (403) "
+           "after inspecting what arrived; both report rule 99010 (allow = pass)",
+           choices=("pass", "block", "allow")),
+    Option("min_inspected_body", "WAF_MIN_INSPECTED_BODY", 16384,
+           "(app) a truncated body passes only if at least this many bytes of it were inspected; a body "
+           "cut shorter was not cut for its size (no 'option http-buffer-request', tiny tune.bufsize) "
+           "and is denied (99010)", int),
+    Option("truncated_response_body", "WAF_TRUNCATED_RESPONSE_BODY", "pass",
+           "(app) a response whose body arrived cut short: pass = inspect what arrived and let it "
+           "through, flagged; block = deny after inspecting it; both report rule 99011",
+           choices=("pass", "block")),
     Option("transaction_ttl_ms", "WAF_TRANSACTION_TTL_MS", 35000,
-           "response inspection: how long a transaction kept by a request (inspect_response) waits for "
+           "(app) response inspection: how long a transaction kept by a request (inspect_response) waits for "
            "its response before it ends (EXPIRED); keep it a little above HAProxy's 'timeout server'", int),
     Option("max_held_transactions", "WAF_MAX_HELD_TRANSACTIONS", 2000,
            "response inspection: most transactions one worker keeps for their responses; past it the "
@@ -131,6 +148,8 @@ class WafConfig:
     paranoia: int = 1
     mode: str = "block"
     apps: Mapping[str, str] = None  # type: ignore[assignment]
+    config: str = ""
+    unknown_application: str = "default"
     base_conf: str = str(REPO_RULES / "modsecurity.conf")
     extra_directives: str = ""
     ignore_profiles: int = 32
@@ -144,7 +163,9 @@ class WafConfig:
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
     drain_grace_ms: int = 10000
-    truncated_body: str = "block"
+    truncated_body: str = "pass"
+    min_inspected_body: int = 16384
+    truncated_response_body: str = "pass"
     transaction_ttl_ms: int = 35000
     max_held_transactions: int = 2000
     tls_cert: str = ""
@@ -161,8 +182,11 @@ class WafConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not self.rules and not self.crs_dir and not self.apps:
-            raise ConfigError("no rules configured: set RULES, CRS_DIR or WAF_APPS")
+        if self.config and self.apps:
+            raise ConfigError("WAF_APPS and WAF_CONFIG both list applications: declare them all in "
+                              f"{self.config}")
+        if not self.config and not self.rules and not self.crs_dir and not self.apps:
+            raise ConfigError("no rules configured: set RULES, CRS_DIR, WAF_APPS or WAF_CONFIG")
         if not 1 <= self.paranoia <= 4:
             raise ConfigError(f"PARANOIA must be 1 to 4, got {self.paranoia}")
         if self.workers < 1:
@@ -186,9 +210,11 @@ class WafConfig:
         if largest > self.max_request_bytes:
             raise ConfigError(f"WAF_MAX_REQUEST_BYTES ({self.max_request_bytes}) must hold a request within "
                               f"the limits (about {largest} bytes): raise it with the WAF_MAX_* limits")
+        if "default" in self.apps and (self.rules or self.crs_dir):
+            raise ConfigError("WAF_APPS: 'default' names the application of RULES and CRS_DIR; pick another name")
         known_apps = {""} | set(self.apps)
         for app, _ in self.ignore_preload:
-            if app not in known_apps:
+            if app not in known_apps and not self.config:   # the file's names are checked when it is read
                 raise ConfigError(f"WAF_IGNORE_PRELOAD: no rule set named {app!r} (WAF_APPS)")
         check_addresses((("WAF_LISTEN", self.listen), ("WAF_METRICS", self.metrics)))
         if self.audit_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.audit_log))):
@@ -196,13 +222,16 @@ class WafConfig:
         check_paths_exist((("RULES", self.rules), ("CRS_DIR", self.crs_dir),
                            ("WAF_BASE_CONF", self.base_conf), ("WAF_TLS_CERT", self.tls_cert),
                            ("WAF_TLS_KEY", self.tls_key), ("WAF_TLS_CLIENT_CA", self.tls_client_ca),
-                           ("WAF_TOKEN_FILE", self.token_file), *self.apps.items()))
+                           ("WAF_TOKEN_FILE", self.token_file), ("WAF_CONFIG", self.config),
+                           *self.apps.items()))
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("WAF_TLS_CERT and WAF_TLS_KEY go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("WAF_TLS_CLIENT_CA (mutual TLS) needs WAF_TLS_CERT and WAF_TLS_KEY")
-        if self.truncated_body not in ("block", "allow"):
-            raise ConfigError(f"WAF_TRUNCATED_BODY: {self.truncated_body!r} is not block or allow")
+        if self.truncated_body not in ("pass", "block", "allow"):
+            raise ConfigError(f"WAF_TRUNCATED_BODY: {self.truncated_body!r} is not pass or block")
+        if self.min_inspected_body < 0:
+            raise ConfigError(f"WAF_MIN_INSPECTED_BODY must be 0 or more, got {self.min_inspected_body}")
         if not 0 < self.transaction_ttl_ms < 2**32:
             raise ConfigError(f"WAF_TRANSACTION_TTL_MS must be 1 to {2**32 - 1} ms, got {self.transaction_ttl_ms}")
         if self.max_held_transactions < 1:

@@ -13,8 +13,14 @@ The engine API, for the gRPC service and other front ends (Envoy):
   Transaction``: a transaction to feed step by step: request headers, body
   chunks, end of request, then response headers, body chunks, end of
   response, close (wafsvc/transaction.py documents each step).
-- ``Engine.reload(specs)``: new rule sets; transactions already begun
-  finish on the rules they began with (``Engine.generation`` counts loads).
+- ``Engine.reload(apps)``: new applications and rule sets (wafsvc/apps.py);
+  transactions already begun finish on the rules they began with
+  (``Engine.generation`` counts loads).
+- ``Engine.applications()``: the ListApplications answer.
+
+Each application has its rule set and its policies (wafsvc/phases.py
+Policy); a request names one (``EvaluateRequest.application``), "" being
+the default. Applications whose rule text is the same share one rule set.
 
 Kept transactions and their handles live in wafsvc/responses.py (one store
 per worker, wafsvc/held.py); verdicts are built in wafsvc/phases.py.
@@ -25,17 +31,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import libmodsecurity
 
 from wafapi import waf_pb2
+from wafsvc.apps import Application, Applications, from_specs
 from wafsvc.errors import EvaluationFailed, engine_error
 from wafsvc.limits import IgnoreListBudget
 from wafsvc.phases import (TRUNCATED_BODY_MESSAGE, TRUNCATED_BODY_POLICIES, TRUNCATED_BODY_RULE_ID,  # noqa: F401
                            TRUNCATED_BODY_STATUS, TRUNCATED_RESPONSE_BODY_RULE_ID, UNDECODABLE, Policy)
-from wafsvc.rules import RuleSetSpec, RulesError, compose
+from wafsvc.rules import RuleSetSpec, RulesError, compose, locate_error, request_body_limit
 from wafsvc.transaction import Transaction
 
 log = logging.getLogger("wafsvc.engine")
@@ -47,27 +54,38 @@ DEFAULT_APP = ""
 @dataclass(frozen=True)
 class LoadedRules:
     """What one load produced: used for logs, metrics and health."""
-    rule_counts: Mapping[str, int]
+    rule_counts: Mapping[str, int]      # rules per application
     loaded_at: float
+    rule_sets: int = 0                  # distinct rule sets (applications with the same text share one)
 
 
-def _load_rules_set(text: str, what: str) -> tuple[libmodsecurity.RulesSet, int]:
+def _load_rules_set(text: str, what: str, spec: RuleSetSpec | None = None) -> tuple[libmodsecurity.RulesSet, int]:
     rules_set = libmodsecurity.RulesSet()
     count = rules_set.load(text)
     if count < 0:
-        raise RulesError(f"{what}: {rules_set.get_parser_error().strip()}")
+        error = rules_set.get_parser_error().strip()
+        raise RulesError(f"{what}: {locate_error(spec, error) if spec is not None else error}")
     return rules_set, count
 
 
+def policy_of(app: Application) -> Policy:
+    return Policy(app.rules.mode == "block", app.truncated_body, app.min_inspected, app.truncated_response_body,
+                  app.response_inspection, app.transaction_ttl_ms)
+
+
 class Engine:
-    def __init__(self, specs: Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
-                 truncated_body: str = "block",
+    """`apps`: the applications to serve (wafsvc/apps.py), or, as tools and
+    tests pass them, rule-set specs keyed by name ("" = the default) with
+    one `truncated_body` policy for all."""
+
+    def __init__(self, apps: Applications | Mapping[str, RuleSetSpec], ignore_profiles: int = 32,
+                 truncated_body: str = "pass",
                  preload: Sequence[tuple[str, tuple[int, ...]]] = (),
                  server_log: Callable[[str], None] | None = None,
                  ignore_budget: IgnoreListBudget | None = None) -> None:
-        if truncated_body not in TRUNCATED_BODY_POLICIES:
-            raise ValueError(f"truncated_body must be block or allow, got {truncated_body!r}")
-        self.truncated_body = truncated_body
+        if truncated_body not in (*TRUNCATED_BODY_POLICIES, "allow"):
+            raise ValueError(f"truncated_body must be pass or block, got {truncated_body!r}")
+        self._truncated_body = truncated_body
         self._modsec = libmodsecurity.ModSecurity()
         self._modsec.set_connector_information(CONNECTOR)
         # Without a callback libmodsecurity prints every match to stderr;
@@ -76,12 +94,16 @@ class Engine:
         # include matches of rules marked noauditlog (CRS's 980170 report),
         # which get_rule_messages() leaves out.
         self._modsec.set_log_callback(server_log or _discard)
-        self._specs: Mapping[str, RuleSetSpec] = {}
-        self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}
+        self.apps: Applications | None = None
+        self._rule_sets: dict[str, libmodsecurity.RulesSet] = {}   # application -> its rule set
+        self._texts: dict[str, str] = {}                           # application -> composed rule text
         self._policies: dict[str, Policy] = {}
+        # Ignore lists: (rule text, ids) -> rule set, so applications that
+        # share a rule set share these too.
         self._profiles: OrderedDict[tuple[str, tuple[int, ...]], libmodsecurity.RulesSet] = OrderedDict()
         self._max_profiles = ignore_profiles
         self._preload = tuple(preload)
+        self._preloaded: set[tuple[str, tuple[int, ...]]] = set()
         # Lists that are not preloaded are compiled on demand (~70 ms with CRS,
         # on the event loop) only within this budget; None: no limit (in-process use).
         self._ignore_budget = ignore_budget
@@ -90,39 +112,64 @@ class Engine:
         self.reload_successes = 0
         self.reload_failures = 0
         self.last_reload_error = ""
-        self.loaded = self.load(specs)
+        self.loaded = self.load(apps)
 
-    def load(self, specs: Mapping[str, RuleSetSpec]) -> LoadedRules:
-        """Parse every rule set, then swap them in together.
+    def _applications(self, apps: Applications | Mapping[str, RuleSetSpec]) -> Applications:
+        if not isinstance(apps, Applications):
+            apps = from_specs(apps, self._truncated_body)
+        if self._preload:
+            apps = replace(apps, extra_preload=apps.extra_preload + self._preload)
+        return apps
 
-        A parse error raises RulesError and leaves the rules in service
-        untouched, so a bad reload never weakens protection.
+    def load(self, apps: Applications | Mapping[str, RuleSetSpec]) -> LoadedRules:
+        """Parse every application's rule set, then swap them in together.
+
+        Applications whose composed rule text is the same share one rule
+        set (and its ignore lists): they may differ by any policy kept
+        outside the text, not by mode or rules. A parse error raises
+        RulesError and leaves the rules in service untouched, so a bad
+        reload never weakens protection.
         """
-        fresh, counts = {}, {}
-        for app, spec in specs.items():
-            fresh[app], counts[app] = _load_rules_set(compose(spec), f"rule set {app or 'default'!r}")
+        apps = self._applications(apps)
+        by_text: dict[str, tuple[libmodsecurity.RulesSet, int]] = {}
+        by_spec: dict[RuleSetSpec, str] = {}    # many applications often have the very same spec
+        texts, counts = {}, {}
+        for name, app in apps.apps.items():
+            text = by_spec.get(app.rules)
+            if text is None:
+                text = by_spec[app.rules] = compose(app.rules)
+            texts[name] = text
+            if text not in by_text:
+                by_text[text] = _load_rules_set(text, _what(app), app.rules)
+            counts[name] = by_text[text][1]
         # Known ignore lists are built here, not on their first request: a
         # CRS rule set takes 50-90 ms to parse, too long inside a verdict's
         # deadline on a busy machine. Built before fork, workers share them.
         profiles: OrderedDict = OrderedDict()
-        for app, ids in self._preload:
-            if app not in specs:
-                raise RulesError(f"ignore list {ids}: no rule set named {app!r}")
-            profiles[(app, ids)], _ = _load_rules_set(compose(specs[app], ids), f"ignore list {ids}")
-        self._specs, self._rule_sets, self._profiles = dict(specs), fresh, profiles
-        self._policies = {app: Policy(spec.mode == "block", self.truncated_body) for app, spec in specs.items()}
+        for name, ids in apps.preload():
+            app = apps.apps.get(name)
+            if app is None:
+                raise RulesError(f"ignore list {ids}: no application named {name!r}")
+            key = (texts[name], ids)
+            if key not in profiles:
+                profiles[key], _ = _load_rules_set(compose(app.rules, ids), f"{_what(app)}, ignore list {ids}")
+        self.apps, self._texts, self._profiles = apps, texts, profiles
+        # A preloaded list pushed out of the cache is built again without the budget.
+        self._preloaded = set(apps.preload())
+        self._rule_sets = {name: by_text[text][0] for name, text in texts.items()}
+        self._policies = {name: policy_of(app) for name, app in apps.apps.items()}
         self.generation += 1
-        self.loaded = LoadedRules(counts, time.time())
+        self.loaded = LoadedRules(counts, time.time(), len(by_text))
         return self.loaded
 
     @property
     def loaded_at(self) -> float:
         return self.loaded.loaded_at
 
-    def reload(self, specs: Mapping[str, RuleSetSpec]) -> LoadedRules:
+    def reload(self, apps: Applications | Mapping[str, RuleSetSpec]) -> LoadedRules:
         """load(), counted: a failure keeps the old rules and is remembered."""
         try:
-            loaded = self.load(specs)
+            loaded = self.load(apps)
         except RulesError as exc:
             self.reload_failures += 1
             self.last_reload_error = str(exc)
@@ -131,32 +178,38 @@ class Engine:
         self.last_reload_error = ""
         return loaded
 
+    def resolve(self, name: str) -> str:
+        """The configured application that judges a request naming `name`;
+        raises EvaluationFailed (NOT_FOUND, UNKNOWN_APPLICATION) when
+        unknown names are refused."""
+        app = self.apps.resolve(name)
+        if app is None:
+            known = ", ".join(repr(n) for n in self.apps.apps)
+            raise EvaluationFailed("NOT_FOUND", f"unknown application {name!r}; configured: {known}",
+                                   waf_pb2.UNKNOWN_APPLICATION)
+        return app.name
+
     def _rules_for(self, app: str, ignore_ids: Iterable[int]) -> libmodsecurity.RulesSet:
-        try:
-            base = self._rule_sets[app]
-        except KeyError:
-            known = ", ".join(repr(name) for name in self._rule_sets)
-            raise EvaluationFailed("NOT_FOUND", f"unknown application {app!r}; configured: {known}",
-                                   waf_pb2.UNKNOWN_APPLICATION) from None
+        base = self._rule_sets[app]
         ids = tuple(sorted(set(ignore_ids)))
         if not ids:
             return base
         # Ignored ids come from per-frontend HAProxy settings, so there are few
         # distinct lists. Each gets its own rule set with SecRuleRemoveById: the
         # removal cannot leak into other requests, and costs nothing per request.
-        key = (app, ids)
+        key = (self._texts[app], ids)
         profile = self._profiles.get(key)
         if profile is None:
             if 0 in ids:
                 raise EvaluationFailed("INVALID_ARGUMENT", "rule id 0 is not a valid rule id",
                                        waf_pb2.IGNORE_LIST_REFUSED)
-            if (self._ignore_budget is not None and (app, ids) not in self._preload
+            if (self._ignore_budget is not None and (app, ids) not in self._preloaded
                     and not self._ignore_budget.take()):
                 raise EvaluationFailed("RESOURCE_EXHAUSTED", f"ignore list {ids} is not preloaded "
                                        "(WAF_IGNORE_PRELOAD) and this worker's budget of new lists "
                                        "(WAF_IGNORE_NEW_LISTS_PER_MIN) is spent", waf_pb2.IGNORE_LIST_REFUSED)
             try:
-                profile, _ = _load_rules_set(compose(self._specs[app], ids), f"ignore list {ids}")
+                profile, _ = _load_rules_set(compose(self.apps.apps[app].rules, ids), f"ignore list {ids}")
             except RulesError as exc:
                 raise EvaluationFailed("INVALID_ARGUMENT", str(exc), waf_pb2.IGNORE_LIST_REFUSED) from None
             self._profiles[key] = profile
@@ -172,9 +225,10 @@ class Engine:
         """A new transaction on the application's rule set (minus the
         ignored rule ids), to be fed step by step. Raises EvaluationFailed
         (UNKNOWN_APPLICATION, IGNORE_LIST_REFUSED, ENGINE_ERROR)."""
-        rules = self._rules_for(app, ignore_rule_ids)
+        name = self.resolve(app)
+        rules = self._rules_for(name, ignore_rule_ids)
         try:
-            return Transaction(self._modsec, rules, self._policies[app], transaction_id, app, self.generation)
+            return Transaction(self._modsec, rules, self._policies[name], transaction_id, name, self.generation)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise engine_error(exc) from None
 
@@ -184,6 +238,27 @@ class Engine:
         one by default) so that a batch can evaluate straight into its
         response message without a copy."""
         return self.begin(req.application, req.ignore_rule_ids, req.transaction_id).run_request(req, verdict)
+
+    def applications(self) -> waf_pb2.ListApplicationsResponse:
+        """What ListApplications answers: every application and its policies."""
+        apps = self.apps
+        reply = waf_pb2.ListApplicationsResponse(unknown_application=apps.unknown)
+        preloaded: dict[str, list[str]] = {}
+        for name, ids in apps.preload():
+            preloaded.setdefault(name, []).append(" ".join(map(str, ids)))
+        for name, app in apps.apps.items():
+            reply.applications.add(
+                name=name, is_default=name == apps.default, mode=app.mode, failure_policy=app.failure_policy,
+                truncated_body=app.truncated_body, response_inspection=app.response_inspection,
+                transaction_ttl_ms=app.transaction_ttl_ms, response_miss_policy=app.response_miss_policy,
+                rules=self.loaded.rule_counts[name], preloaded_ignore_lists=preloaded.get(name, []),
+                request_body_limit=request_body_limit(app.rules), truncated_response_body=app.truncated_response_body,
+                min_inspected_body=app.min_inspected)
+        return reply
+
+
+def _what(app: Application) -> str:
+    return f"application {app.name!r}" + (f" ({app.origin})" if app.origin and app.origin != "environment" else "")
 
 
 def _discard(_message: str) -> None:

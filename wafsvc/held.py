@@ -3,7 +3,8 @@
 Transactions kept for their response wait here, keyed by a sequence number
 (the token in the caller's handle), under three bounds:
 
-- a time to live: one that waits longer than `ttl_s` is ended (EXPIRED);
+- a time to live: one that waits longer than its TTL is ended (EXPIRED);
+  `ttl_s` by default, or its own (each application has one);
 - a count: the newest one past `max_count` pushes out the oldest (EVICTED);
 - rule generations: a reload lets held transactions finish on the rules
   they started with, but only one superseded generation is kept alive, so
@@ -11,8 +12,12 @@ Transactions kept for their response wait here, keyed by a sequence number
 
 Every way out but `take` hands the value to `on_end(value, reason)` (the
 engine's logging runs there) and is counted in `ended`. Each bound removes
-from the front: entries are in insertion order, which is also deadline
-order (one TTL for all) and generation order, so each removal is O(1).
+from the front: entries are in insertion order, which is also generation
+order and, while every entry has the same TTL, deadline order, so each
+removal is O(1). With several TTLs an entry may expire behind one that
+lives longer: `take` still refuses it (EXPIRED), and `expire()` (the
+per-second sweep) then scans every entry, so none outlives its TTL by more
+than the sweep's interval.
 Why a token is gone is remembered for the last `remember` removals, so a
 late response learns EXPIRED, EVICTED or RELOADED rather than UNKNOWN.
 """
@@ -67,19 +72,26 @@ class HeldStore(Generic[T]):
         self._next = 1
         self.ended = {reason: 0 for reason in Reason}   # removals by reason, for metrics
         self.peak = 0                                    # most held at once since reset_peak()
+        self._mixed = False                              # some entry has its own TTL
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, value: T, generation: int = 0) -> int:
-        """Holds value; returns its token."""
+    def put(self, value: T, generation: int = 0, ttl_s: float | None = None) -> int:
+        """Holds value (for `ttl_s`, the store's TTL by default); returns its token."""
         now = self._clock()
         self._expire(now)
         while len(self._entries) >= self.max_count:
             self._pop_oldest(Reason.EVICTED)
         token = self._next
         self._next += 1
-        self._entries[token] = _Entry(value, now + self.ttl_s, generation)
+        if ttl_s is None or ttl_s == self.ttl_s:
+            ttl_s = self.ttl_s
+        elif ttl_s <= 0:
+            raise ValueError("a held transaction needs a positive TTL")
+        else:
+            self._mixed = True
+        self._entries[token] = _Entry(value, now + ttl_s, generation)
         if len(self._entries) > self.peak:
             self.peak = len(self._entries)
         return token
@@ -96,7 +108,14 @@ class HeldStore(Generic[T]):
 
     def expire(self) -> int:
         """Ends every entry past its deadline; returns how many."""
-        return self._expire(self._clock())
+        now = self._clock()
+        ended = self._expire(now)
+        if self._mixed:
+            late = [token for token, entry in self._entries.items() if entry.deadline <= now]
+            for token in late:
+                self._end(token, self._entries.pop(token), Reason.EXPIRED)
+            ended += len(late)
+        return ended
 
     def end_generations_before(self, generation: int) -> int:
         """Ends every entry that started on an older rule generation."""

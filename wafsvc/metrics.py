@@ -156,6 +156,14 @@ class ObservedEngine:
         if kind == BLOCK:
             if self._info:
                 log.info("request blocked", extra=self._event(transaction_id, app, verdict))
+        elif verdict.body_truncated:
+            # Passed with part of its body never inspected: always worth a line.
+            if self._info:
+                log.info("request passed with its body inspected in part",
+                         extra=self._event(transaction_id, app, verdict))
+        elif kind == MATCH and self._info and self._detects(verdict.application):
+            # Detection only: these lines are what the application is for.
+            log.info("request matched, not blocked (detect mode)", extra=self._event(transaction_id, app, verdict))
         elif self._debug:
             log.debug("request evaluated", extra={**self._event(transaction_id, app, verdict), "verdict": kind})
 
@@ -250,6 +258,9 @@ class ObservedEngine:
 
     def _count(self, app: str, body_truncated: bool, verdict, kind: str) -> None:
         m = self._metrics
+        # The configured application that judged it (not the name asked
+        # for, which is client input): a bounded label.
+        app = verdict.application or app
         add = self._add
         add(self._child(m.evaluations, app, kind))
         seconds = verdict.engine_time_us / 1e6
@@ -283,10 +294,9 @@ class ObservedEngine:
 
     def failed(self, app: str, transaction_id: str, exc: EvaluationFailed) -> None:
         """Counts and logs an evaluation that has no verdict."""
+        label = self._label(app)   # unknown names are client input: not a label
         app = app or "default"
         if self._metrics is not None:
-            # Unknown application names are client input: not a label.
-            label = app if app in self._engine.loaded.rule_counts else "_unknown"
             self._add(self._child(self._metrics.evaluations, label, ERROR))
             self._add(self._child(self._metrics.invalid, label, exc.reason_name.lower()))
             self._schedule_flush()
@@ -294,12 +304,31 @@ class ObservedEngine:
                                                 "code": exc.code, "reason": exc.reason_name,
                                                 "error": exc.message})
 
+    def _detects(self, name: str) -> bool:
+        apps = getattr(self._engine, "apps", None)
+        app = apps.apps.get(name) if apps is not None else None
+        return app is not None and app.mode == "detect"
+
+    def _label(self, name: str) -> str:
+        """The configured application a name stands for, or "_unknown"."""
+        apps = getattr(self._engine, "apps", None)
+        if apps is None:
+            label = name or "default"
+            return label if label in self._engine.loaded.rule_counts else "_unknown"
+        app = apps.resolve(name)
+        return app.name if app is not None else "_unknown"
+
     @staticmethod
     def _event(transaction_id: str, app: str, verdict) -> dict:
-        return {"unique_id": transaction_id or verdict.transaction_id,
-                "app": app or "default",
-                "status": verdict.status, "rules": [m.id for m in verdict.matches],
-                "engine_us": verdict.engine_time_us}
+        event = {"unique_id": transaction_id or verdict.transaction_id,
+                 "app": verdict.application or app or "default",
+                 "status": verdict.status, "rules": [m.id for m in verdict.matches],
+                 "engine_us": verdict.engine_time_us}
+        if verdict.body_truncated:
+            # What was not inspected, for the log: "N bytes inspected, M declared".
+            event["body_truncated"] = next((m.matched_data for m in verdict.matches
+                                            if m.id in (99010, 99011)), True)
+        return event
 
 
 def observe(engine) -> ObservedEngine:

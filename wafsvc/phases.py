@@ -20,21 +20,29 @@ TRUNCATED_BODY_MESSAGE = "request body truncated before inspection"
 TRUNCATED_RESPONSE_BODY_MESSAGE = "response body truncated before inspection"
 TRUNCATED_BODY_TAG = "modsec-spoa/truncated-body"
 TRUNCATED_BODY_STATUS = 403
-TRUNCATED_BODY_POLICIES = ("block", "allow")
+TRUNCATED_BODY_POLICIES = ("pass", "block")
 
 UNDECODABLE = "(not shown: holds bytes that are not UTF-8)"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What one application decides beyond its rules."""
-    blocking: bool = True          # MODE=block (False: DetectionOnly)
-    truncated_body: str = "block"  # block or allow (TRUNCATED_BODY_POLICIES)
+    """What one application decides beyond its rules (wafsvc/apps.py)."""
+    blocking: bool = True                 # mode block (False: DetectionOnly)
+    truncated_body: str = "pass"          # a request body cut short: pass (flagged) or block
+    min_inspected: int = 16384            # ... passes only if at least this much was inspected
+    truncated_response_body: str = "pass"
+    response_inspection: bool = True      # inspect_response is honoured
+    transaction_ttl_ms: int = 0           # 0: the store's own
 
-    @property
-    def denies_truncated(self) -> bool:
-        """A body cut short is denied (unless a rule already decided)."""
-        return self.truncated_body == "block" and self.blocking
+    def denies_truncated(self, inspected: int, response: bool = False) -> bool:
+        """A body cut short after `inspected` bytes is denied (unless a rule
+        already decided). Never in detect mode, where nothing is denied."""
+        if not self.blocking:
+            return False
+        if response:
+            return self.truncated_response_body == "block"
+        return self.truncated_body == "block" or inspected < self.min_inspected
 
 
 def fill(verdict: waf_pb2.Verdict, transaction_id: str, intervention, messages, elapsed_us: int) -> waf_pb2.Verdict:
@@ -63,15 +71,17 @@ def fill(verdict: waf_pb2.Verdict, transaction_id: str, intervention, messages, 
 def flag_truncated(verdict: waf_pb2.Verdict, policy: Policy, response: bool, inspected: int,
                    content_length: int) -> None:
     """What arrived was inspected; the rest never will be, so an attack (or
-    a leak) could hide past the cut. Always say so; deny unless told to
-    allow, and never in detect mode, where nothing is denied."""
+    a leak) could hide past the cut. Always say so (rule 99010 or 99011, the
+    verdict's body_truncated); deny as the application's policy says."""
     declared = f"{content_length} declared" if content_length >= 0 else "no Content-Length"
     rule_id, message, phase = ((TRUNCATED_RESPONSE_BODY_RULE_ID, TRUNCATED_RESPONSE_BODY_MESSAGE, 4) if response
                                else (TRUNCATED_BODY_RULE_ID, TRUNCATED_BODY_MESSAGE, 2))
+    if not response and policy.blocking and policy.truncated_body == "pass" and inspected < policy.min_inspected:
+        message += f" after only {inspected} bytes: too few to pass it (min_inspected {policy.min_inspected})"
     verdict.body_truncated = True
     verdict.matches.add(id=rule_id, message=message, severity=2, tags=[TRUNCATED_BODY_TAG], phase=phase,
                         matched_data=f"{inspected} bytes inspected, {declared}")
-    if policy.denies_truncated and not verdict.intervention:
+    if policy.denies_truncated(inspected, response) and not verdict.intervention:
         verdict.intervention = True
         verdict.status = TRUNCATED_BODY_STATUS
         verdict.action = waf_pb2.ACTION_DENY

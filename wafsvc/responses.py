@@ -75,11 +75,15 @@ class Responses:
         if not req.inspect_response:
             return self._engine.evaluate(req, verdict)
         tx = self._engine.begin(req.application, req.ignore_rule_ids, req.transaction_id)
-        verdict = tx.run_request(req, verdict, keep=True)
+        policy = tx.policy
+        # An application that does not inspect responses keeps nothing: the
+        # verdict then has no handle, and the caller sends no response.
+        verdict = tx.run_request(req, verdict, keep=policy.response_inspection)
         if tx.open:
-            token = self.store.put(tx, tx.generation)
+            ttl_ms = policy.transaction_ttl_ms or self.ttl_ms
+            token = self.store.put(tx, tx.generation, ttl_ms / 1000)
             verdict.transaction_handle = f"{self._prefix}{token:x}"
-            verdict.transaction_ttl_ms = self.ttl_ms
+            verdict.transaction_ttl_ms = ttl_ms
         return verdict
 
     # -- responses ---------------------------------------------------------

@@ -6,9 +6,11 @@ settings of the first load only, so a second load could not change the mode.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,6 +36,15 @@ class RuleSetSpec:
     extra_directives: str = ""
     audit_log: str = ""
     audit_log_parts: str = "ABHZ"
+    # More rule files, loaded after rules_file (an application's `files`).
+    rules_files: tuple[str, ...] = ()
+    # The engine's body limits (bytes); 0 keeps the base configuration's.
+    request_body_limit: int = 0
+    request_body_no_files_limit: int = 0
+    response_body_limit: int = 0
+    # Where extra_directives were written ("apps.yaml:14"), so that a parse
+    # error in them names that file and line instead of the composed text's.
+    directives_origin: tuple[str, int] = ("", 0)
 
 
 def find_crs_setup(crs_dir: str, explicit: str = "") -> str:
@@ -60,12 +71,19 @@ def crs_rule_files(crs_dir: str) -> list[str]:
         raise RulesError(f"CRS_DIR {crs_dir}: no rules/*.conf found")
     usable = []
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            if "@geoLookup" in fh.read():
-                log.warning("skipping %s: it needs @geoLookup, which this engine lacks", path)
-                continue
+        stat = os.stat(path)
+        if _needs_geoip(path, stat.st_mtime_ns, stat.st_size):
+            log.warning("skipping %s: it needs @geoLookup, which this engine lacks", path)
+            continue
         usable.append(path)
     return usable
+
+
+@functools.lru_cache(maxsize=1024)
+def _needs_geoip(path: str, mtime_ns: int, size: int) -> bool:
+    """Read once per version of the file: many applications use one CRS."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return "@geoLookup" in fh.read()
 
 
 def _include(path: str) -> str:
@@ -106,14 +124,27 @@ def _audit_lines(spec: RuleSetSpec) -> Iterable[str]:
     yield f'SecAuditLog "{os.path.abspath(spec.audit_log)}"'
 
 
-def compose(spec: RuleSetSpec, removed_ids: Iterable[int] = ()) -> str:
-    # Audit settings right after the base config (which turns it off), before
-    # the rules, so that WAF_DIRECTIVES can still override them.
-    lines = [_include(spec.base_conf), *_audit_lines(spec)]
+def _limit_lines(spec: RuleSetSpec) -> Iterable[str]:
+    for directive, value in (("SecRequestBodyLimit", spec.request_body_limit),
+                             ("SecRequestBodyNoFilesLimit", spec.request_body_no_files_limit),
+                             ("SecResponseBodyLimit", spec.response_body_limit)):
+        if value:
+            yield f"{directive} {value}"
+
+
+def _head(spec: RuleSetSpec) -> list[str]:
+    """Every line before the inline directives."""
+    # Audit settings and limits right after the base config (which sets
+    # them), before the rules, so that the directives can still override them.
+    lines = [_include(spec.base_conf), *_audit_lines(spec), *_limit_lines(spec)]
     if spec.crs_dir:
         lines.extend(_crs_lines(spec))
-    if spec.rules_file:
-        lines.append(_include(spec.rules_file))
+    lines.extend(_include(path) for path in (spec.rules_file, *spec.rules_files) if path)
+    return lines
+
+
+def compose(spec: RuleSetSpec, removed_ids: Iterable[int] = ()) -> str:
+    lines = _head(spec)
     if spec.extra_directives:
         lines.append(spec.extra_directives)
     ids = sorted(set(removed_ids))
@@ -122,3 +153,36 @@ def compose(spec: RuleSetSpec, removed_ids: Iterable[int] = ()) -> str:
     # Last, so that MODE wins over any SecRuleEngine in the included files.
     lines.append("SecRuleEngine " + ("On" if spec.mode == "block" else "DetectionOnly"))
     return "\n".join(lines) + "\n"
+
+
+_BODY_LIMIT = re.compile(r"^\s*SecRequestBodyLimit\s+(\d+)\s*$", re.M)
+
+
+def request_body_limit(spec: RuleSetSpec) -> int:
+    """The SecRequestBodyLimit in force: the spec's own, else the last one
+    written in the base configuration (0 when it sets none)."""
+    if spec.request_body_limit:
+        return spec.request_body_limit
+    try:
+        with open(spec.base_conf, encoding="utf-8", errors="replace") as fh:
+            found = _BODY_LIMIT.findall(fh.read())
+    except OSError:
+        return 0
+    return int(found[-1]) if found else 0
+
+
+_INLINE_ERROR = re.compile(r"File: <<reference missing or not informed>>\. Line: (\d+)\.")
+
+
+def locate_error(spec: RuleSetSpec, message: str) -> str:
+    """A parser error in the inline directives names the composed text's
+    line; point it at the file and line the directives were written in."""
+    m = _INLINE_ERROR.search(message)
+    path, first_line = spec.directives_origin
+    if m is None or not path or not spec.extra_directives:
+        return message
+    start = len(_head(spec)) + 1                 # composed line of the first directive
+    offset = int(m.group(1)) - start
+    if not 0 <= offset < spec.extra_directives.count("\n") + 1:
+        return message
+    return message[:m.start()] + f"File: {path}. Line: {first_line + offset}." + message[m.end():]

@@ -1,5 +1,5 @@
 """The gRPC face of one worker: Evaluate, EvaluateResponse, EvaluateStream,
-health, reflection.
+ListApplications, health, reflection.
 
 Evaluation runs inline on the event loop. The engine holds the GIL for the
 whole call, so a thread pool would add switching cost and no parallelism.
@@ -95,6 +95,11 @@ class WafServicer(waf_pb2_grpc.WafServicer):
             await _abort(context, _unexpected(exc))
         self.evaluations += 1
         return verdict
+
+    async def ListApplications(self, request: waf_pb2.ListApplicationsRequest,
+                               context: grpc.aio.ServicerContext) -> waf_pb2.ListApplicationsResponse:
+        # This worker's applications: after a reload, the ones now serving.
+        return self.engine.applications()
 
     async def housekeeping(self) -> None:
         """Runs until cancelled: held transactions past their TTL end even

@@ -29,6 +29,10 @@ Methods, in the order they may be called:
 - ``request_body(chunk: bytes) -> bool``: any number of times, phase 2 input.
 - ``end_request(verdict=None, *, body_truncated=False, content_length=-1,
   keep=False) -> Verdict``: runs phase 2 and gives the request's verdict.
+  A body cut short (body_truncated) is flagged and judged by the
+  application's policy; run_request also closes a cut multipart or JSON
+  body so that it parses (wafsvc/bodies.py): feed a cut body through
+  ``bodies.close_cut_body`` before request_body() to get the same here.
   ``keep=False`` ends the transaction (logging runs first, so phase-5
   matches are in the verdict). ``keep=True`` leaves a request that passed
   open for its response; a blocked request is never kept (no response phase).
@@ -63,6 +67,7 @@ import time
 import libmodsecurity
 
 from wafapi import waf_pb2
+from wafsvc.bodies import close_cut_body, content_type_of
 from wafsvc.errors import engine_error
 from wafsvc.phases import Policy, fill, flag_truncated
 
@@ -202,8 +207,12 @@ class Transaction:
                 if decision is None or not decision.disruptive:
                     body = req.body
                     if body:
-                        tx.append_request_body(body)
                         self._request_bytes = len(body)
+                        if req.body_truncated:
+                            # Closed where it was cut, so that multipart and
+                            # JSON parse (wafsvc/bodies.py).
+                            body = close_cut_body(content_type_of((h.name, h.value) for h in req.headers), body)
+                        tx.append_request_body(body)
                     tx.process_request_body()
                     decision = tx.intervention()
         except ENGINE_ERRORS as exc:
@@ -218,7 +227,8 @@ class Transaction:
         """Logging unless the transaction stays open, then the verdict. A
         request that is denied (by a rule or by the truncation policy) is
         never kept: it has no response phase."""
-        kept = keep and self._decision is None and not (body_truncated and self.policy.denies_truncated)
+        kept = keep and self._decision is None and not (
+            body_truncated and self.policy.denies_truncated(self._request_bytes))
         tx = self._tx
         try:
             if not kept:
@@ -232,8 +242,7 @@ class Transaction:
         fill(verdict, self.id, self._decision, messages, elapsed // 1000)
         if body_truncated:
             flag_truncated(verdict, self.policy, False, self._request_bytes, content_length)
-        if self.app:
-            verdict.application = self.app
+        verdict.application = self.app
         if kept:
             self._state, self._request_matches, self._ns = KEPT, len(messages), 0
         else:
@@ -291,8 +300,7 @@ class Transaction:
         fill(verdict, self.id, self._decision, messages, elapsed // 1000)
         if body_truncated:
             flag_truncated(verdict, self.policy, True, self._response_bytes, content_length)
-        if self.app:
-            verdict.application = self.app
+        verdict.application = self.app
         self._finish()
         return verdict
 

@@ -251,7 +251,7 @@ def test_observed_engine_counts_and_logs(engine, caplog):
     assert value(registry, "modsec_waf_invalid_requests_total", app="_unknown", reason="unknown_application") == 1
     assert value(registry, "modsec_waf_invalid_requests_total", app="default", reason="body_truncated") == 1
     assert value(registry, "modsec_waf_engine_duration_seconds_count", app="default") == 3
-    assert value(registry, "modsec_waf_rules_loaded", app="default") == engine.loaded.rule_counts[""]
+    assert value(registry, "modsec_waf_rules_loaded", app="default") == engine.loaded.rule_counts["default"]
     assert value(registry, "modsec_waf_rules_loaded_timestamp_seconds") == engine.loaded.loaded_at
     blocked = [r for r in caplog.records if r.getMessage() == "request blocked"]
     assert [r.unique_id for r in blocked] == ["uid-127.0.0.1", "uid-10.0.0.1"]

@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from wafapi import waf_pb2
+from wafsvc.apps import Application, Applications
 from wafsvc.config import REPO_RULES
 from wafsvc.engine import Engine
 from wafsvc.errors import EvaluationFailed
@@ -162,11 +163,14 @@ def test_the_handle_names_the_worker_and_the_ttl_is_given(crs):
 
 # -- truncated response bodies ---------------------------------------------------
 
-@pytest.mark.parametrize("mode,policy,denied", [("block", "block", True), ("block", "allow", False),
-                                                ("detect", "block", False)])
+@pytest.mark.parametrize("mode,policy,denied", [("block", "block", True), ("block", "pass", False),
+                                                ("detect", "block", False), ("block", None, False)])
 def test_truncated_response_body_is_flagged_and_follows_the_policy(mode, policy, denied):
-    engine = Engine({"": RuleSetSpec(base_conf=BASE, mode=mode, extra_directives="SecRuleEngine On")},
-                    truncated_body=policy)
+    """Its own policy, apart from the request's: pass (flagged) unless told to block."""
+    spec = RuleSetSpec(base_conf=BASE, mode=mode, extra_directives="SecRuleEngine On")
+    app = Application("default", spec, truncated_body="block",
+                      **({"truncated_response_body": policy} if policy else {}))
+    engine = Engine(Applications({"default": app}, "default"))
     responses = Responses(engine, WORKER, 35000, 10)
     kept = responses.evaluate(request())
     verdict = responses.evaluate_response(response(kept.transaction_handle, b"x" * 1000, body_truncated=True,

@@ -11,6 +11,8 @@ from gateway.config import GatewayConfig
 from gateway.spop import Int64, encode_hdrs_bin
 from wafapi import waf_pb2
 from wafsvc.config import WafConfig
+from common.options import ConfigError
+from wafsvc.apps import Application, Applications, check
 from wafsvc.engine import TRUNCATED_BODY_RULE_ID, Engine
 from wafsvc.rules import RuleSetSpec
 from wafsvc.config import REPO_RULES
@@ -61,10 +63,13 @@ def engines(tmp_path_factory):
     rules = tmp_path_factory.mktemp("rules") / "probe.conf"
     rules.write_text('SecRule ARGS:attack "@streq yes" "id:10001,phase:2,deny,status:406,log,msg:\'probe\'"\n')
     base = str(REPO_RULES / "modsecurity.conf")
-    spec = {"": RuleSetSpec(base_conf=base, rules_file=str(rules))}
-    detect = {"": RuleSetSpec(base_conf=base, rules_file=str(rules), mode="detect")}
-    return {"block": Engine(spec, truncated_body="block"), "allow": Engine(spec, truncated_body="allow"),
-            "detect": Engine(detect, truncated_body="block")}
+    spec = RuleSetSpec(base_conf=base, rules_file=str(rules))
+    detect = RuleSetSpec(base_conf=base, rules_file=str(rules), mode="detect")
+
+    def engine(spec, **policy):
+        return Engine(Applications({"default": Application("default", spec, **policy)}, "default"))
+    return {"block": engine(spec, truncated_body="block"), "allow": engine(spec, min_inspected=0),
+            "floor": engine(spec), "detect": engine(detect, truncated_body="block")}
 
 
 def _request(body: bytes, truncated: bool, content_length: int = -1) -> waf_pb2.EvaluateRequest:
@@ -75,7 +80,7 @@ def _request(body: bytes, truncated: bool, content_length: int = -1) -> waf_pb2.
         body=body, body_truncated=truncated, content_length=content_length)
 
 
-def test_truncated_body_is_blocked_by_default_with_a_visible_reason(engines):
+def test_truncated_body_is_blocked_by_the_block_policy_with_a_visible_reason(engines):
     verdict = engines["block"].evaluate(_request(b"a=1", True, 70000))
     assert verdict.intervention and verdict.status == 403 and verdict.action == waf_pb2.ACTION_DENY
     assert [m.id for m in verdict.matches] == [TRUNCATED_BODY_RULE_ID]
@@ -83,15 +88,26 @@ def test_truncated_body_is_blocked_by_default_with_a_visible_reason(engines):
     assert "3 bytes inspected, 70000 declared" == verdict.matches[0].matched_data
 
 
-def test_truncated_body_allowed_by_flag_is_still_reported(engines):
+def test_truncated_body_passed_by_the_pass_policy_is_still_reported(engines):
     verdict = engines["allow"].evaluate(_request(b"a=1", True))
     assert not verdict.intervention and verdict.action == waf_pb2.ACTION_PASS
-    assert [m.id for m in verdict.matches] == [TRUNCATED_BODY_RULE_ID]
+    assert [m.id for m in verdict.matches] == [TRUNCATED_BODY_RULE_ID] and verdict.body_truncated
     assert "no Content-Length" in verdict.matches[0].matched_data
 
 
+def test_pass_needs_min_inspected_bytes_by_default(engines):
+    """A body cut after a few bytes was not cut for its size (HAProxy had not
+    read it: no `option http-buffer-request`): it is denied, and says why."""
+    short = engines["floor"].evaluate(_request(b"a=1", True, 70000))
+    assert short.intervention and short.status == 403 and short.matches[-1].id == TRUNCATED_BODY_RULE_ID
+    assert "too few to pass it (min_inspected 16384)" in short.matches[-1].message
+    long = engines["floor"].evaluate(_request(b"a=" + b"b" * 16382, True, 70000))
+    assert not long.intervention and long.matches[-1].id == TRUNCATED_BODY_RULE_ID
+    assert long.matches[-1].message == "request body truncated before inspection"
+
+
 def test_what_arrived_is_inspected_and_its_verdict_kept(engines):
-    for policy in ("block", "allow"):
+    for policy in ("block", "allow", "floor"):
         verdict = engines[policy].evaluate(_request(b"attack=yes", True, 99999))
         assert verdict.intervention and verdict.status == 406  # the rule's own status wins
         assert [m.id for m in verdict.matches] == [10001, TRUNCATED_BODY_RULE_ID]
@@ -110,6 +126,9 @@ def test_complete_body_gets_no_truncation_match(engines):
 def test_engine_refuses_unknown_policy():
     with pytest.raises(ValueError):
         Engine({}, truncated_body="maybe")
+    with pytest.raises(ConfigError, match="truncated_body must be pass or block"):
+        check(Application("x", RuleSetSpec(base_conf="b", extra_directives="SecRuleEngine On"),
+                          truncated_body="allow"), "here")
 
 
 # -- settings and secrets ---------------------------------------------------
