@@ -2,7 +2,11 @@
 
 HAProxy on 127.0.0.1:8080 (and :8081, the frontend with ignored rules), the
 gateway on :12345, two wafsvc replicas on :50051 and :50052 running CRS at
-paranoia level 1 in blocking mode, the demo backend on :8000.
+paranoia level 1, the demo backend on :8000. Three applications
+(deploy/wafsvc/apps.yaml), chosen on :8080 by Host (deploy/haproxy/apps.map):
+shop.localhost blocks, blog.localhost only detects, any other Host blocks.
+WAF_CONFIG=other.yaml runs another applications file; WAF_CONFIG= (empty)
+runs the environment's single application.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import signal
 import sys
 
-from stack.processes import DEBIAN_CRS, Stack, StackSpec
+from stack.processes import APPS_MAP, DEBIAN_CRS, DEMO_APPS, Stack, StackSpec
 
 
 def _interrupt(signo, frame) -> None:
@@ -25,6 +29,9 @@ def main() -> int:
     for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL", "WAF_AUDIT_LOG"):
         if os.environ.get(name):
             wafsvc_env[name] = os.environ[name]
+    apps_file = os.environ.get("WAF_CONFIG", "" if "WAF_APPS" in wafsvc_env else str(DEMO_APPS))
+    if apps_file:
+        wafsvc_env["WAF_CONFIG"] = apps_file
     replicas = int(os.environ.get("WAFSVC_REPLICAS", "2"))
     spec = StackSpec(frontend_port=8080, frontend_alt_port=8081, backend_port=8000, gateway_port=12345,
                      wafsvc_ports=[50051 + i for i in range(replicas)],
@@ -32,7 +39,8 @@ def main() -> int:
                      wafsvc_env=wafsvc_env,
                      # Prometheus: gateway on :9101, wafsvc replicas on :9102, :9103...
                      wafsvc_metrics_ports=[9102 + i for i in range(replicas)],
-                     gateway_env={"GATEWAY_METRICS": "127.0.0.1:9101"})
+                     gateway_env={"GATEWAY_METRICS": "127.0.0.1:9101"},
+                     haproxy_env={"APPS_MAP": str(APPS_MAP)})
     stack = Stack(spec)
     # Explicit handlers: a shell that starts us in the background leaves
     # SIGINT ignored, and Python would then never raise KeyboardInterrupt.
@@ -41,7 +49,9 @@ def main() -> int:
     try:
         stack.start()
         print(f"\nmodsec-spoa is up: http://127.0.0.1:8080/ (Ctrl-C stops it)\n"
-              f"  try: curl -i 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'  -> 403\n",
+              f"  try: curl -i 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'  -> 403\n"
+              f"       curl -i -H 'Host: blog.localhost' 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'"
+              f"  -> 200, matches logged\n",
               file=sys.stderr, flush=True)
         signal.pause()
     except KeyboardInterrupt:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAPROXY_DIR = ROOT / "deploy" / "haproxy"
 DEBIAN_CRS = "/usr/share/modsecurity-crs"
+# make up's several sites: wafsvc's applications and HAProxy's Host map.
+DEMO_APPS = ROOT / "deploy" / "wafsvc" / "apps.yaml"
+APPS_MAP = HAPROXY_DIR / "apps.map"
 
 
 IGNORE_RULES_SETTING = re.compile(r"set-var\(txn\.ignorerules\)\s+str\('([^']*)'\)")
