@@ -32,8 +32,12 @@ OUTCOMES: Counter = Counter()
 @pytest.fixture(scope="module")
 def stack(haproxy_bin, stack_logs, request):
     OUTCOMES.clear()
+    # The strict truncated-body policy (block): these tests check that no
+    # uninspected byte gets through. The default (pass, flagged) is tested
+    # in test_applications.py.
     s = start_stack(stack_logs, haproxy_bin, wafsvc_ports=[free_port()],
-                    wafsvc_env={"CRS_DIR": "/usr/share/modsecurity-crs", "PARANOIA": "1", "MODE": "block"})
+                    wafsvc_env={"CRS_DIR": "/usr/share/modsecurity-crs", "PARANOIA": "1", "MODE": "block",
+                                "WAF_TRUNCATED_BODY": "block"})
     yield s
     s.stop()
     summary = (f"hostile input through {haproxy_bin}: {sum(OUTCOMES.values())} requests, "
@@ -223,8 +227,8 @@ def test_chunked_benign_body_passes(stack):
 @pytest.mark.parametrize("chunked", [0, 4096], ids=["content-length", "chunked"])
 def test_attack_past_the_buffer_is_not_passed(stack, chunked):
     """HAProxy hands SPOE about 64 kB of body (tune.bufsize 65536). An attack
-    past that point is never inspected: the request must be denied as
-    truncated (99010), never let through."""
+    past that point is never inspected: under WAF_TRUNCATED_BODY=block the
+    request must be denied as truncated (99010), never let through."""
     body = b"a=" + b"b" * 80000 + b"&q=" + SQLI_QS
     outcome = send(stack, request("POST", b"/form", FORM, body, chunked=chunked),
                    f"SQLi after 80 kB, {'chunked' if chunked else 'content-length'}")

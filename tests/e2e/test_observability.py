@@ -51,7 +51,9 @@ def obs(haproxy_bin, stack_logs):
     stack = start_stack(stack_logs, haproxy_bin, wafsvc_workers=2, wafsvc_metrics_ports=[ports["wafsvc"]],
                         spoe_conf=spoe,
                         wafsvc_env={"CRS_DIR": "/usr/share/modsecurity-crs", "PARANOIA": "1",
-                                    "WAF_AUDIT_LOG": str(audit)},
+                                    "WAF_AUDIT_LOG": str(audit),
+                                    # unknown names refused, so that test_unknown_application_... sees it
+                                    "WAF_UNKNOWN_APPLICATION": "refuse"},
                         gateway_env={"GATEWAY_METRICS": f"127.0.0.1:{ports['gateway']}",
                                      "GATEWAY_DEADLINE_MS": "4500"})
     stack.metrics_ports = ports

@@ -35,6 +35,7 @@ class Wafsvc:
         self.log_path = tmp_path / "wafsvc.log"
         self.log = open(self.log_path, "wb")
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WAF_LISTEN": f"127.0.0.1:{self.port}",
+                    "WAF_UNKNOWN_APPLICATION": "refuse",
                     "WAF_METRICS": f"127.0.0.1:{self.metrics_port}", "LOG_LEVEL": "warning", **env}
         self.proc = subprocess.Popen([sys.executable, "-m", "wafsvc"], env=full_env, cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -24,7 +24,10 @@ def start_wafsvc(log_dir: pathlib.Path, replicas: int = 1, workers: int = 1, rul
     rules_file = log_dir / "rules.conf"
     rules_file.write_text(rules)
     stack = Stack(StackSpec(log_dir=log_dir, wafsvc_ports=[free_port() for _ in range(replicas)],
-                            wafsvc_workers=workers, wafsvc_env={"RULES": str(rules_file), **(env or {})}))
+                            wafsvc_workers=workers,
+                            # Unknown application names refused: the client's UnknownApplication is tested.
+                            wafsvc_env={"RULES": str(rules_file), "WAF_UNKNOWN_APPLICATION": "refuse",
+                                        **(env or {})}))
     try:
         for index in range(replicas):
             proc = stack.start_wafsvc(index)
