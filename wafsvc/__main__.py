@@ -10,8 +10,8 @@ workers, after fork (gRPC must not be initialised before fork()).
 
 Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the applications
 file (WAF_CONFIG) and every rule set: first in the supervisor, then, if that
-worked, in each worker in turn (RELOAD_STAGGER_S apart), so that while one
-worker parses the others keep answering.
+worked, in each worker in turn (wafsvc/rollout.py: each reports with
+SIGUSR1 when done), so that while one worker parses the others answer.
 
 Drain: health turns NOT_SERVING, the server refuses new calls (GOAWAY), every
 stream ends as soon as it has answered what it read (idle ones at once; the
@@ -36,16 +36,13 @@ from wafsvc.apps import Applications, from_config
 from wafsvc.config import WafConfig
 from wafsvc.engine import Engine
 from wafsvc.lifetime import die_with_parent
+from wafsvc.rollout import Rollout
 from wafsvc.limits import IgnoreListBudget
 from wafsvc.rules import RuleSetSpec, RulesError
 
 log = logging.getLogger("wafsvc")
 
 RESTART_BACKOFF_S = 0.5
-# Workers reload one after the other: a worker parsing CRS answers nothing
-# for 50-100 ms per distinct rule set, and the gateway moves work to the
-# ones that answer.
-RELOAD_STAGGER_S = 0.5
 
 
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
@@ -54,7 +51,7 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
     return {("" if name == apps.default else name): app.rules for name, app in apps.apps.items()}
 
 
-async def serve(config: WafConfig, engine: Engine, replica_id: str, index: int = 0) -> None:
+async def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -> None:
     from wafsvc.limits import Limited, Limits
     from wafsvc.metrics import observe
     from wafsvc.responses import Responses
@@ -86,14 +83,13 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str, index: int =
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    pending_reload: list[asyncio.TimerHandle] = []
-
-    def reload_soon() -> None:
-        for handle in pending_reload:
-            handle.cancel()
-        pending_reload[:] = [loop.call_later(index * RELOAD_STAGGER_S,
-                                             lambda: reload(engine, config) and observed.sync_rules())]
-    loop.add_signal_handler(signal.SIGHUP, reload_soon)
+    def reload_and_report() -> None:
+        if reload(engine, config):
+            observed.sync_rules()
+        # Done, either way: the supervisor tells the next worker (wafsvc/rollout.py).
+        if parent and os.getppid() == parent:
+            os.kill(parent, signal.SIGUSR1)
+    loop.add_signal_handler(signal.SIGHUP, reload_and_report)
     housekeeping = asyncio.create_task(servicer.housekeeping())
     watchdog = None
     if config.worker_max_rss_mb:
@@ -163,14 +159,14 @@ def reload(engine: Engine, config: WafConfig) -> bool:
     return True
 
 
-def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int, index: int = 0) -> int:
+def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int) -> int:
     # A worker whose supervisor was killed drains and exits instead of
     # serving on, unsupervised, beside the replica that replaces it.
     die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         import uvloop
-        uvloop.run(serve(config, engine, replica_id, index))
+        uvloop.run(serve(config, engine, replica_id, parent))
     except Exception:
         log.exception("worker failed")
         return 1
@@ -184,6 +180,7 @@ class Supervisor:
         self.config = config
         self.engine = engine
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.rollout = Rollout(self._tell_reload)
         self.exporter = None  # wafsvc.metrics.Exporter when WAF_METRICS is set
         # Names this replica in stream metadata; a restarted replica is a new one.
         self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
@@ -192,13 +189,13 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os._exit(run_worker(self.config, self.engine, self.replica_id, parent, index))
+            os._exit(run_worker(self.config, self.engine, self.replica_id, parent))
         self.children[pid] = index
         if self.exporter is not None:
             self.exporter.worker_started()
 
     def run(self) -> int:
-        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         if self.exporter is not None:
             self.exporter.start()
@@ -206,8 +203,14 @@ class Supervisor:
             self.spawn(index)
         stopping = False
         while self.children:
-            info = signal.sigwaitinfo(handled)
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+            wait_s = self.rollout.wait_s()
+            info = signal.sigwaitinfo(handled) if wait_s is None else signal.sigtimedwait(handled, wait_s)
+            if info is None:                   # a worker never reported its reload
+                self.rollout.tick()
+                continue
+            if info.si_signo == signal.SIGUSR1:
+                self.rollout.done(info.si_pid)   # that worker has reloaded: the next one's turn
+            elif info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                 stopping = True
                 log.info("stopping: draining workers")
                 self.signal_children(signal.SIGTERM)
@@ -215,12 +218,21 @@ class Supervisor:
                 ok = reload(self.engine, self.config)  # so restarted workers get the new rules
                 if self.exporter is not None:
                     self.exporter.reloaded(ok, self.engine)
-                if ok:  # what failed here would fail in every worker: they keep serving as they are
-                    self.signal_children(signal.SIGHUP)
+                if ok and not stopping:  # what failed here would fail in every worker: they serve on
+                    self.rollout.start(sorted(self.children, key=self.children.get))
             self.reap(restart=not stopping)
         if self.exporter is not None:
             self.exporter.stop()
         return 0
+
+    def _tell_reload(self, pid: int) -> bool:
+        if pid not in self.children:
+            return False
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return False
+        return True
 
     def signal_children(self, signo: int) -> None:
         # The metrics server ignores SIGHUP; it is not in self.children anyway.
@@ -236,6 +248,7 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.children.pop(pid, None)
+            self.rollout.done(pid)   # a worker that died while reloading holds up no one
             if self.exporter is not None:
                 self.exporter.reaped(pid, restart, index is not None)
             if index is None:
