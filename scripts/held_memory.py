@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     crs = args.crs_dir or default_crs_dir()
     engine = Engine(rule_specs("crs", crs))
     cap = WafConfig.__dataclass_fields__["max_held_transactions"].default
-    result = {"crs": crs, "paranoia": 1, "rules": engine.loaded.rule_counts[""],
+    result = {"crs": crs, "paranoia": 1, "rules": engine.loaded.rule_counts["default"],
               "per_transaction": {name: per_transaction(engine, req, args.held) for name, req in CASES.items()}}
     if args.unanswered:
         result["unanswered"] = unanswered(engine, args.unanswered, cap)
