@@ -16,6 +16,7 @@ import sys
 from common import logs
 from common.options import ConfigError, config_error, host_port
 from common.secrets import read_pem, read_secret
+from gateway.apps import AppPolicies, keep_fresh
 from gateway.config import GatewayConfig
 from gateway.pool import WafPool
 from gateway.server import Gateway
@@ -23,7 +24,7 @@ from gateway.server import Gateway
 log = logging.getLogger("gateway")
 
 
-def hooks(config: GatewayConfig):
+def hooks(config: GatewayConfig, policies: AppPolicies):
     """Request logs always; metrics too when GATEWAY_METRICS is set. The
     same object observes the server and the pool (gateway.pool.PoolHooks)."""
     if not config.metrics:
@@ -33,7 +34,7 @@ def hooks(config: GatewayConfig):
     from gateway import metrics
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # CPU and memory of the gateway process
-    hooks = metrics.GatewayMetrics(registry, request_data=config.log_request_data)
+    hooks = metrics.GatewayMetrics(registry, request_data=config.log_request_data, app_label=policies.label)
     try:
         metrics.serve(config.metrics, registry)
     except OSError as exc:  # port taken, address not local: say so, no traceback
@@ -60,7 +61,11 @@ def channel_security(config: GatewayConfig):
 
 async def serve(config: GatewayConfig) -> None:
     credentials, options, metadata = channel_security(config)
-    observers = hooks(config)
+    # Each application's failure policy, learned from wafsvc and kept for
+    # when wafsvc cannot answer.
+    policies = AppPolicies(config.failure_policy == "closed")
+    learning = asyncio.create_task(keep_fresh(policies, config.wafsvc, credentials, options, metadata))
+    observers = hooks(config, policies)
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
                    max_batch=config.max_batch, deadline_s=config.deadline_ms / 1000,
                    hedge_s=config.hedge_ms / 1000, recycle_s=config.recycle_ms / 1000,
@@ -69,7 +74,7 @@ async def serve(config: GatewayConfig) -> None:
     if hasattr(observers, "watch_pool"):
         observers.watch_pool(pool)
     await pool.start()
-    gateway = Gateway(config, pool, observers)
+    gateway = Gateway(config, pool, observers, policies)
     host, port = host_port(config.listen)
     await gateway.start(host, port)
     log.info("gateway listening", extra={"listen": config.listen, "wafsvc": config.wafsvc,
@@ -82,6 +87,7 @@ async def serve(config: GatewayConfig) -> None:
     log.info("stopping: finishing evaluations in flight")
     await gateway.shutdown(grace_s=config.deadline_ms / 1000 + 1)
     await pool.close()
+    learning.cancel()
     log.info("gateway stopped")
 
 

@@ -22,7 +22,7 @@ class AckEncoder:
     def __init__(self, fail_closed: bool) -> None:
         self.fail_closed = fail_closed
         self._decisions: dict[tuple, bytes] = {}
-        self._failures: dict[str, tuple[bytes, bytes]] = {}
+        self._failures: dict[tuple[str, bool], tuple[bytes, bytes]] = {}
 
     def decision(self, verdict: waf_pb2.Verdict) -> bytes:
         """The first DECISION_VARS actions: all an ACK too big for the frame keeps."""
@@ -47,12 +47,14 @@ class AckEncoder:
             details.append(SetVar(Scope.TRANSACTION, mapping.VAR_MESSAGE, matches[0].message))
         return head + encode_actions(details)
 
-    def failure(self, reason: str) -> tuple[bytes, bytes]:
-        """(all actions, the decision only) for an answer without a verdict."""
-        cached = self._failures.get(reason)
+    def failure(self, reason: str, fail_closed: bool | None = None) -> tuple[bytes, bytes]:
+        """(all actions, the decision only) for an answer without a verdict;
+        `fail_closed` is the application's policy (default: the gateway's)."""
+        closed = self.fail_closed if fail_closed is None else fail_closed
+        cached = self._failures.get((reason, closed))
         if cached is None:
-            actions = mapping.failure_actions(reason, self.fail_closed)
+            actions = mapping.failure_actions(reason, closed)
             cached = (encode_actions(actions), encode_actions(actions[:mapping.DECISION_VARS]))
             if len(self._failures) < MAX_CACHED_FAILURES:
-                self._failures[reason] = cached
+                self._failures[(reason, closed)] = cached
         return cached

@@ -16,7 +16,9 @@ OPTIONS = (
            "time allowed for a verdict, retries included; keep it below the SPOE "
            "'timeout processing' so HAProxy never times out first", int),
     Option("failure_policy", "GATEWAY_FAILURE_POLICY", "closed",
-           "no verdict in time: closed = intervention (deny), open = pass; both set txn.modsec.failed",
+           "no verdict in time: closed = intervention (deny), open = pass; both set txn.modsec.failed. "
+           "An application with its own failure_policy in wafsvc's applications file follows that "
+           "(learned through ListApplications and kept while wafsvc is down)",
            choices=("closed", "open")),
     Option("hedge_ms", "GATEWAY_HEDGE_MS", 150,
            "re-send an evaluation a worker has not answered within this time to another "

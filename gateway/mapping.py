@@ -94,7 +94,7 @@ class MessageSchema:
 
 # deploy/haproxy/spoe-modsecurity.conf: every argument, named after its field.
 CHECK_REQUEST = MessageSchema("check-request", (
-    Argument("id", "id", "unique-id"), Argument("app", "app", "var(txn.waf_app)"),
+    Argument("id", "id", "unique-id"), Argument("app", "app", "var(txn.modsec.app)"),
     Argument("src", "src", "src"), Argument("src_port", "src_port", "src_port"),
     Argument("dst", "dst", "dst"), Argument("dst_port", "dst_port", "dst_port"),
     Argument("method", "method", "method", required=True, nullable=False),

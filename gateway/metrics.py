@@ -136,7 +136,7 @@ class GatewayMetrics(RequestLog):
     """The server's hooks with metrics; logging comes from RequestLog."""
 
     def __init__(self, registry: CollectorRegistry, pool=None, *, request_data: bool = False,
-                 max_label_values: int = 64) -> None:
+                 max_label_values: int = 64, app_label=None) -> None:
         super().__init__(request_data)
         r = registry
         self._open = Gauge("modsec_gateway_spop_connections_open", "SPOP connections from HAProxy open now",
@@ -181,6 +181,9 @@ class GatewayMetrics(RequestLog):
         self._frontends = BoundedValues(max_label_values)
         self._hosts = BoundedValues(max_label_values)
         self._apps = BoundedValues(max_label_values)
+        # A failed request's application as a bounded label (gateway/apps.py:
+        # a configured name or _unknown); verdicts name theirs.
+        self._app_label = app_label or (lambda name: name or "default")
         self._registry = registry
         if pool is not None:
             self.watch_pool(pool)
@@ -218,7 +221,7 @@ class GatewayMetrics(RequestLog):
             super().verdict(context, verdict, seconds)
         self._observe(seconds)
         kind = verdict_kind(verdict)
-        key = (kind, self._apps(context.app or "default"))
+        key = (kind, self._apps(verdict.application or context.app or "default"))
         evaluations = self._evaluations
         evaluations[key] = evaluations.get(key, 0) + 1
         if kind == PASS:
@@ -239,7 +242,7 @@ class GatewayMetrics(RequestLog):
         if context is None:
             return  # an invalid message: counted by invalid_message, never evaluated
         self._observe(seconds)
-        key = (ERROR, self._apps(context.app or "default"))
+        key = (ERROR, self._apps(self._app_label(context.app)))
         self._evaluations[key] = self._evaluations.get(key, 0) + 1
         if failure.failure is Failure.REFUSED:
             self._invalid["engine_error"].inc()

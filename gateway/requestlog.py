@@ -38,7 +38,8 @@ class RequestLog(GatewayHooks):
     def verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
         if not (self.debug or (self.info and verdict.intervention)):
             return
-        event = {"unique_id": context.unique_id, "frontend": context.frontend, "app": context.app,
+        event = {"unique_id": context.unique_id, "frontend": context.frontend,
+                 "app": verdict.application or context.app,
                  "status": verdict.status, "action": mapping.ACTION_NAMES.get(verdict.action, "pass"),
                  "rules": [m.id for m in verdict.matches], "ms": round(seconds * 1000, 3)}
         if context.body_truncated:

@@ -14,6 +14,7 @@ import time
 from functools import partial
 
 from gateway.acks import AckEncoder
+from gateway.apps import AppPolicies
 from gateway.config import GatewayConfig
 from gateway.failures import Failure, NoVerdict
 from gateway.mapping import InvalidMessage, RequestContext
@@ -43,11 +44,14 @@ class GatewayHooks(PoolHooks):
 class Gateway:
     """State shared by all connections: settings, the pool, the hooks."""
 
-    def __init__(self, config: GatewayConfig, pool, hooks: GatewayHooks | None = None) -> None:
+    def __init__(self, config: GatewayConfig, pool, hooks: GatewayHooks | None = None,
+                 policies: AppPolicies | None = None) -> None:
         self.config = config
         self.pool = pool
         self.hooks = hooks or GatewayHooks()
         self.fail_closed = config.failure_policy == "closed"
+        # Each application's failure policy, as wafsvc last told it (gateway/apps.py).
+        self.policies = policies or AppPolicies(self.fail_closed)
         self.acks = AckEncoder(self.fail_closed)
         self.decoder = NotifyDecoder(config.default_app, config.haproxy_bufsize)
         self.connections: set[SpopProtocol] = set()
@@ -187,20 +191,22 @@ class SpopProtocol(asyncio.Protocol):
                     self.conn.send_encoded_ack(stream_id, frame_id, acks.decision(verdict))
                 self._schedule_flush()
         else:
+            closed = gateway.policies.fails_closed(context.app)
             log.warning("no verdict; failure policy applied", extra={
                 "unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
-                "policy": gateway.config.failure_policy})
-            self._fail(stream_id, frame_id, context, failure, elapsed)
+                "app": context.app, "policy": "closed" if closed else "open"})
+            self._fail(stream_id, frame_id, context, failure, elapsed, closed)
         if gateway.paused:
             gateway.resume_if_room()
 
     def _fail(self, stream_id: int, frame_id: int, context: RequestContext | None,
-              failure: NoVerdict, elapsed: float) -> None:
-        """No verdict for this request: count it and answer with the policy."""
+              failure: NoVerdict, elapsed: float, fail_closed: bool | None = None) -> None:
+        """No verdict for this request: count it and answer with the policy
+        (the application's, else the gateway's)."""
         self.gateway.hooks.failure(context, failure, elapsed)
         if self.transport is None:
             return  # HAProxy went away; the answer has no one to go to
-        actions, decision = self.gateway.acks.failure(str(failure))
+        actions, decision = self.gateway.acks.failure(str(failure), fail_closed)
         try:
             self.conn.send_encoded_ack(stream_id, frame_id, actions)
         except SpopError:

@@ -265,3 +265,46 @@ def test_validate_passes_the_demo_and_fails_a_broken_rule_with_its_file_and_line
     result = validate(typo)
     assert result.returncode == 1 and f"{typo}:4: applications[0]: unknown key 'paranioa'" in result.stderr
     assert validate(tmp_path / "missing.yaml").returncode == 2
+
+
+# -- each application's failure policy, followed by the gateway -------------------------
+
+POLICIES = """\
+default_application: default
+applications:
+  - name: default                 # none of its own: the gateway's (closed)
+  - name: shop
+    failure_policy: open
+  - name: blog
+    mode: detect
+    failure_policy: closed
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_stack(haproxy_bin, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("policies")
+    (logs / "site.conf").write_text('SecRule ARGS "@contains attack" "id:1001,phase:2,deny,status:403,log"\n')
+    (logs / "apps.yaml").write_text(POLICIES)
+    s = start_stack(logs, haproxy_bin, wafsvc_ports=[free_port()],
+                    wafsvc_env={"RULES": str(logs / "site.conf"), "WAF_CONFIG": str(logs / "apps.yaml")},
+                    gateway_env={"GATEWAY_FAILURE_POLICY": "closed"}, haproxy_env={"APPS_MAP": str(APPS_MAP)})
+    yield s
+    s.stop()
+
+
+def test_with_wafsvc_down_each_application_gets_its_own_failure_policy(policy_stack):
+    stack = policy_stack
+    gateway_log = stack.spec.log_dir / "gateway.log"
+    wait_for(lambda: "applications learned from wafsvc" in gateway_log.read_text(errors="replace"),
+             timeout=30, what="the gateway learning the applications")
+    assert get(stack, "shop.localhost", "/?q=attack").status == 403
+    stack.kill_wafsvc(0)
+    shop = get(stack, "shop.localhost", "/")
+    assert shop.status == 200 and shop.failed and shop.headers["X-Waf-Action"] == "pass"   # open
+    for host in ("blog.localhost", "www.example.com"):                                       # closed
+        reply = get(stack, host, "/")
+        assert reply.status == 503 and reply.failed, host
+    failures = [json.loads(line) for line in gateway_log.read_text(errors="replace").splitlines()
+                if '"msg": "no verdict; failure policy applied"' in line]
+    assert {(f["app"], f["policy"]) for f in failures} >= {("shop", "open"), ("blog", "closed")}
