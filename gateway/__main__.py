@@ -19,6 +19,7 @@ from common.secrets import read_pem, read_secret
 from gateway.apps import AppPolicies, keep_fresh
 from gateway.config import GatewayConfig
 from gateway.pool import WafPool
+from gateway.responses import MissPolicy
 from gateway.server import Gateway
 
 log = logging.getLogger("gateway")
@@ -61,9 +62,9 @@ def channel_security(config: GatewayConfig):
 
 async def serve(config: GatewayConfig) -> None:
     credentials, options, metadata = channel_security(config)
-    # Each application's failure policy, learned from wafsvc and kept for
-    # when wafsvc cannot answer.
-    policies = AppPolicies(config.failure_policy == "closed")
+    # Each application's failure and response-miss policies, learned from
+    # wafsvc and kept for when wafsvc cannot answer.
+    policies = AppPolicies(config.failure_policy == "closed", MissPolicy(config.response_miss_policy))
     learning = asyncio.create_task(keep_fresh(policies, config.wafsvc, credentials, options, metadata))
     observers = hooks(config, policies)
     pool = WafPool(config.wafsvc, channels=config.channels, streams=config.streams,
@@ -78,7 +79,8 @@ async def serve(config: GatewayConfig) -> None:
     host, port = host_port(config.listen)
     await gateway.start(host, port)
     log.info("gateway listening", extra={"listen": config.listen, "wafsvc": config.wafsvc,
-                                         "failure_policy": config.failure_policy})
+                                         "failure_policy": config.failure_policy,
+                                         "response_miss_policy": config.response_miss_policy})
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signo in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,5 @@
-"""Each application's failure policy, learned from wafsvc and cached.
+"""Each application's failure policy and response-miss policy, learned from
+wafsvc and cached.
 
 wafsvc's applications file (README, "Several sites") may give an application
 its own failure policy: what to do when no verdict comes (wafsvc down, too
@@ -6,7 +7,9 @@ slow). The gateway is the one who must follow it, precisely when wafsvc
 cannot be asked. So it asks while it can: ListApplications at start and
 every REFRESH_S, and keeps the last answer. wafsvc down: the cache is what
 counts. An application the cache does not know, or one that sets no policy,
-gets GATEWAY_FAILURE_POLICY.
+gets GATEWAY_FAILURE_POLICY; its response-miss policy (what a response
+whose held transaction is gone gets: pass, flagged, or block),
+GATEWAY_RESPONSE_MISS_POLICY.
 
 Names follow wafsvc's rules: "" is the default application, and an unknown
 name is judged by the default one (unknown_application: default) or
@@ -23,6 +26,7 @@ import logging
 
 import grpc
 
+from gateway.responses import MissPolicy
 from wafapi import waf_pb2, waf_pb2_grpc
 
 log = logging.getLogger("gateway.apps")
@@ -34,9 +38,11 @@ UNKNOWN = "_unknown"
 
 
 class AppPolicies:
-    def __init__(self, fail_closed: bool) -> None:
+    def __init__(self, fail_closed: bool, miss: MissPolicy = MissPolicy.PASS) -> None:
         self.fallback_closed = fail_closed
+        self.fallback_miss = miss
         self._closed: dict[str, bool] = {}    # application -> fails closed (only those that set a policy)
+        self._miss: dict[str, MissPolicy] = {}  # application -> its response-miss policy, likewise
         self._known: frozenset[str] = frozenset()
         self._default = ""
         self._unknown_to_default = True
@@ -46,12 +52,14 @@ class AppPolicies:
         """Takes wafsvc's answer; True when anything changed."""
         closed = {app.name: app.failure_policy == "closed" for app in reply.applications
                   if app.failure_policy in ("closed", "open")}
+        miss = {app.name: MissPolicy(app.response_miss_policy) for app in reply.applications
+                if app.response_miss_policy in ("pass", "block")}
         known = frozenset(app.name for app in reply.applications)
         default = next((app.name for app in reply.applications if app.is_default), "")
         unknown_to_default = reply.unknown_application != "refuse"
-        changed = (closed, known, default, unknown_to_default) != (
-            self._closed, self._known, self._default, self._unknown_to_default)
-        self._closed, self._known, self._default = closed, known, default
+        changed = (closed, miss, known, default, unknown_to_default) != (
+            self._closed, self._miss, self._known, self._default, self._unknown_to_default)
+        self._closed, self._miss, self._known, self._default = closed, miss, known, default
         self._unknown_to_default = unknown_to_default
         self.learned = True
         return changed
@@ -67,6 +75,12 @@ class AppPolicies:
 
     def fails_closed(self, name: str) -> bool:
         return self._closed.get(self.resolve(name), self.fallback_closed)
+
+    def miss(self, name: str) -> MissPolicy:
+        """The response-miss policy of the application that judges `name`."""
+        if not self._miss:
+            return self.fallback_miss
+        return self._miss.get(self.resolve(name), self.fallback_miss)
 
     def label(self, name: str) -> str:
         """A bounded label: a configured application's name, or _unknown."""

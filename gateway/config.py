@@ -20,6 +20,10 @@ OPTIONS = (
            "An application with its own failure_policy in wafsvc's applications file follows that "
            "(learned through ListApplications and kept while wafsvc is down)",
            choices=("closed", "open")),
+    Option("response_miss_policy", "GATEWAY_RESPONSE_MISS_POLICY", "pass",
+           "a response whose held transaction is gone (expired, evicted, its worker died...): "
+           "pass = let it through, flagged (txn.modsec.res_miss) and counted; block = deny it (503)",
+           choices=("pass", "block")),
     Option("hedge_ms", "GATEWAY_HEDGE_MS", 150,
            "re-send an evaluation a worker has not answered within this time to another "
            "worker (a hung replica), and give that worker no new work until it answers; "
@@ -74,6 +78,7 @@ class GatewayConfig:
     wafsvc: str = "ipv4:127.0.0.1:50051"
     deadline_ms: int = 400
     failure_policy: str = "closed"
+    response_miss_policy: str = "pass"
     hedge_ms: int = 150
     recycle_ms: int = 15000
     channels: int = 4
@@ -122,6 +127,8 @@ class GatewayConfig:
             raise ConfigError("GATEWAY_TLS_SERVER_NAME needs TLS: set GATEWAY_TLS_CA")
         if self.failure_policy not in ("closed", "open"):
             raise ConfigError(f"GATEWAY_FAILURE_POLICY: {self.failure_policy!r} is not closed or open")
+        if self.response_miss_policy not in ("pass", "block"):
+            raise ConfigError(f"GATEWAY_RESPONSE_MISS_POLICY: {self.response_miss_policy!r} is not pass or block")
 
     @property
     def tls(self) -> bool:

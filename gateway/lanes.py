@@ -23,7 +23,7 @@ def passthrough(data: bytes) -> bytes:
 
 
 class Pending:
-    __slots__ = ("ref", "entry", "callback", "deadline", "hedge_at", "attempts", "lane", "done")
+    __slots__ = ("ref", "entry", "callback", "deadline", "hedge_at", "attempts", "lane", "done", "pin")
 
     def __init__(self, ref: int, entry: bytes, callback: Callback, deadline: float, hedge_at: float) -> None:
         self.ref = ref
@@ -34,16 +34,19 @@ class Pending:
         self.attempts = 0
         self.lane: Lane | None = None
         self.done = False
+        self.pin: str | None = None   # a response: the one worker that may evaluate it
 
 
 class Worker:
     """One wafsvc worker process, as named by its streams' metadata."""
-    __slots__ = ("name", "replica", "lanes", "inflight", "turn", "stalled", "last_answer", "outstanding")
+    __slots__ = ("name", "replica", "lanes", "spares", "inflight", "turn", "stalled", "last_answer",
+                 "outstanding")
 
     def __init__(self, name: str, replica: str) -> None:
         self.name = name
         self.replica = replica
         self.lanes: list[Lane] = []   # lanes that take new work
+        self.spares: list[Lane] = []  # retired lanes still open: they carry responses only (routing)
         self.inflight = 0
         self.turn = 0
         self.stalled = False          # hung: no new work until it answers
@@ -86,7 +89,7 @@ class PoolStats:
     """Counters the metrics layer reads; plain ints keep the hot path cheap."""
     __slots__ = ("submitted", "answered", "timeouts", "retries", "lane_failures", "errors",
                  "hedges", "recycles", "coverage_repairs",
-                 "messages", "batched")
+                 "messages", "batched", "responses", "unreachable")
 
     def __init__(self) -> None:
         self.submitted = self.answered = self.timeouts = 0
@@ -95,3 +98,6 @@ class PoolStats:
         # Stream messages written and the requests they carried: batched /
         # messages is the batch size actually achieved.
         self.messages = self.batched = 0
+        # Responses routed to the worker named in their handle, and those
+        # answered at once because that worker could not be reached.
+        self.responses = self.unreachable = 0

@@ -1,9 +1,10 @@
 """SPOE message arguments -> waf.v1.EvaluateRequest, and Verdict -> SPOP set-var
 actions. Pure functions: no I/O, no gRPC calls.
 
-Two messages are understood: check-request (deploy/haproxy/spoe-modsecurity.conf)
-and the original agent's modsecurity. Their argument names are the contract
-(MessageSchema). A message that lacks what the engine needs is refused with a
+Three messages are understood: check-request and check-response
+(deploy/haproxy/spoe-modsecurity.conf) and the original agent's modsecurity.
+Their argument names are the contract (MessageSchema); check-response's
+mapping and actions live in gateway/responses.py. A message that lacks what the engine needs is refused with a
 typed InvalidMessage, never evaluated as an empty request. The variables land
 in HAProxy as txn.modsec.<name> (option var-prefix modsec), plus the original
 agent's sess.modsec.intervention.
@@ -28,6 +29,17 @@ VAR_RULES = "rules"                # matched rule ids, space separated, in order
 VAR_MESSAGE = "message"            # message of the first matched rule
 VAR_FAILED = "failed"              # 1 when no verdict could be had
 VAR_ERROR = "error"                # why, when failed
+VAR_HANDLE = "handle"              # the kept transaction's handle, when the request asked (inspect_response)
+# The response's verdict (check-response), in variables of its own.
+VAR_RES_INTERVENTION = "res_intervention"
+VAR_RES_STATUS = "res_status"
+VAR_RES_ACTION = "res_action"
+VAR_RES_REDIRECT = "res_redirect"
+VAR_RES_RULES = "res_rules"
+VAR_RES_MESSAGE = "res_message"
+VAR_RES_FAILED = "res_failed"      # 1 when the response got no verdict (miss or failure)
+VAR_RES_MISS = "res_miss"          # 1 when its transaction was gone (the miss policy answered)
+VAR_RES_ERROR = "res_error"        # why, when failed
 
 ACTION_NAMES = {waf_pb2.ACTION_PASS: "pass", waf_pb2.ACTION_DENY: "deny",
                 waf_pb2.ACTION_REDIRECT: "redirect", waf_pb2.ACTION_DROP: "drop"}
@@ -104,6 +116,21 @@ CHECK_REQUEST = MessageSchema("check-request", (
     Argument("body", "body", "req.body", required=True),
     Argument("ignore", "ignore", "var(txn.ignorerules)"), Argument("frontend", "frontend", "fe_name"),
     Argument("body_size", "body_size", "req.body_size"),
+    Argument("inspect_response", "inspect_response", "var(txn.waf_inspect_response)"),
+))
+# The response of a request kept with inspect_response (http-response
+# send-spoe-group). handle may be NULL: the request was not kept (a miss,
+# NO_HANDLE), which only a rule sending the group unconditionally causes.
+CHECK_RESPONSE = MessageSchema("check-response", (
+    Argument("handle", "handle", "var(txn.modsec.handle)", required=True),
+    Argument("id", "id", "unique-id"), Argument("app", "app", "var(txn.modsec.app)"),
+    Argument("method", "method", "method"),
+    Argument("status", "status", "status", required=True, nullable=False),
+    Argument("ver", "ver", "res.ver"),
+    Argument("headers", "headers", "res.hdrs_bin", required=True, nullable=False),
+    Argument("body", "body", "res.body", required=True),
+    Argument("body_size", "body_size", "res.body_size"),
+    Argument("frontend", "frontend", "fe_name"),
 ))
 # The original single-process agent's message (README, "Migrating"): its
 # users' SPOE files keep working unchanged. The URI is path + "?" + query.
@@ -116,7 +143,7 @@ ORIGINAL = MessageSchema("modsecurity", (
     Argument("reqbody", "body", "req.body", required=True),
     Argument("ignorerules", "ignore", "var(txn.ignorerules)"),
 ))
-MESSAGES = {schema.name: schema for schema in (CHECK_REQUEST, ORIGINAL)}
+MESSAGES = {schema.name: schema for schema in (CHECK_REQUEST, ORIGINAL, CHECK_RESPONSE)}
 REQUEST_MESSAGE = CHECK_REQUEST.name
 
 
@@ -195,6 +222,16 @@ def _int(value, name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return int(value)
     raise _wrong_type(name, value, "an integer")
+
+
+def _flag(value, name: str) -> bool:
+    """HAProxy's bool(true) or an integer (int(1)); anything else is refused
+    rather than guessed."""
+    if value is None:
+        return False
+    if isinstance(value, int):  # bool is an int
+        return bool(value)
+    raise _wrong_type(name, value, "a boolean (bool(true)) or an integer")
 
 
 def _rule_ids(text: str, name: str) -> list[int]:
@@ -325,7 +362,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
             uri=_uri(fields, schema),
             http_version=_text(get("ver"), "ver") or "1.1",
             body=body, body_truncated=truncated, content_length=content_length,
-            application=app,
+            application=app, inspect_response=_flag(get("inspect_response"), "inspect_response"),
         )
         if not req.method:
             raise InvalidMessage(Problem.BAD_VALUE, "is empty", argument="method")
@@ -351,7 +388,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
 
 
 # The first DECISION_VARS actions carry the decision; an ACK too big for the
-# frame keeps them and drops the details (rules, message).
+# frame keeps them (and the handle) and drops the details (rules, message).
 DECISION_VARS = 4
 
 
@@ -365,6 +402,8 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
         # "Migrating from the original agent"): int32, session scope.
         SetVar(Scope.SESSION, VAR_INTERVENTION, Int32(intervention)),
     ]
+    if verdict.transaction_handle:  # kept for its response (inspect_response)
+        actions.append(SetVar(Scope.TRANSACTION, VAR_HANDLE, verdict.transaction_handle))
     if verdict.redirect_url:
         actions.append(SetVar(Scope.TRANSACTION, VAR_REDIRECT, verdict.redirect_url))
     if verdict.matches:

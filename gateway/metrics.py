@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.metrics")
 # by default) is the last bucket that matters.
 LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .025, .05, .1, .2, .4, .8, 1.6)
 
-PASS, BLOCK, MATCH, ERROR = "pass", "block", "match", "error"
+PASS, BLOCK, MATCH, ERROR, MISS = "pass", "block", "match", "error", "miss"
 
 
 def verdict_kind(verdict) -> str:
@@ -55,6 +55,7 @@ class Tallies:
         self.evaluations: dict[tuple[str, str], int] = {}
         self.blocks: dict[tuple[str, str], int] = {}
         self.rules: dict[tuple[int, str], int] = {}
+        self.responses: dict[tuple[str, str], int] = {}
         self._bounds = LATENCY_BUCKETS
         self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._sum = 0.0
@@ -71,8 +72,12 @@ class Tallies:
                  "application rule set", ["verdict", "app"], dict(self.evaluations)),
                 ("modsec_gateway_blocks", "blocked requests by HAProxy frontend and Host (host:port)",
                  ["frontend", "host"], dict(self.blocks)),
-                ("modsec_gateway_rule_matches", "rule matches by rule id, and whether the request was blocked",
-                 ["rule_id", "outcome"], {(str(rule), outcome): n for (rule, outcome), n in dict(self.rules).items()})):
+                ("modsec_gateway_rule_matches", "rule matches by rule id, and whether the request (or "
+                 "response) was blocked", ["rule_id", "outcome"],
+                 {(str(rule), outcome): n for (rule, outcome), n in dict(self.rules).items()}),
+                ("modsec_gateway_response_evaluations", "responses inspected (check-response), by verdict "
+                 "(pass, block, match, miss, error) and application rule set", ["verdict", "app"],
+                 dict(self.responses))):
             family = CounterMetricFamily(name, doc, labels=labels)
             for key, n in values.items():
                 family.add_metric(list(key), n)
@@ -111,7 +116,12 @@ class PoolCollector:
                  "extra connections opened to reach wafsvc workers no stream reached"),
                 ("stream_messages", getattr(stats, "messages", 0),
                  "stream messages sent to wafsvc (batched_requests / this = achieved batch size)"),
-                ("batched_requests", getattr(stats, "batched", 0), "requests carried by those messages")):
+                ("batched_requests", getattr(stats, "batched", 0), "requests carried by those messages"),
+                ("responses", getattr(stats, "responses", 0),
+                 "responses sent to the worker that holds their transaction"),
+                ("responses_unreachable", getattr(stats, "unreachable", 0),
+                 "responses answered at once as misses: the worker named in their handle has no stream "
+                 "(dead, draining) or hangs")):
             family = CounterMetricFamily(f"modsec_gateway_pool_{name}", doc)
             family.add_metric([], value)
             yield family
@@ -164,6 +174,14 @@ class GatewayMetrics(RequestLog):
         failures = Counter("modsec_gateway_failures", "requests answered by the failure policy, by reason",
                            ["reason"], registry=r)
         self._failures = ChildCache(lambda reason: failures.labels(reason))
+        misses = Counter("modsec_gateway_response_misses", "responses whose held transaction was gone, "
+                         "answered by the miss policy: by reason (expired, evicted, reloaded, unknown, "
+                         "other_worker, no_route, worker_hung, no_handle) and policy (pass, block)", ["reason", "policy"],
+                         registry=r)
+        self._misses = ChildCache(lambda key: misses.labels(*key))
+        response_failures = Counter("modsec_gateway_response_failures", "responses answered by the "
+                                    "failure policy (no verdict, not a miss), by reason", ["reason"], registry=r)
+        self._response_failures = ChildCache(lambda reason: response_failures.labels(reason))
         # Per request: plain ints, exported at scrape time (Tallies).
         tallies = self._tallies = Tallies()
         registry.register(tallies)
@@ -171,6 +189,7 @@ class GatewayMetrics(RequestLog):
         self._evaluations = tallies.evaluations
         self._blocks = tallies.blocks
         self._rules = tallies.rules
+        self._responses = tallies.responses
         self._observe = tallies.observe
         grpc_errors = Counter("modsec_gateway_grpc_errors", "errors from wafsvc: per-request error codes and "
                               "failed streams, by wafsvc worker", ["worker", "code"], registry=r)
@@ -248,6 +267,38 @@ class GatewayMetrics(RequestLog):
             self._invalid["engine_error"].inc()
         if context.body_truncated:
             self._invalid["body_truncated"].inc()
+
+    # -- responses -------------------------------------------------------------
+    def response_verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
+        super().response_verdict(context, verdict, seconds)
+        kind = verdict_kind(verdict)
+        key = (kind, self._apps(context.app or "default"))
+        self._responses[key] = self._responses.get(key, 0) + 1
+        if kind == PASS:
+            return
+        if context.body_truncated:
+            self._invalid["body_truncated"].inc()
+        if kind == BLOCK:
+            key = (self._frontends(context.frontend), self._hosts(context.host))
+            self._blocks[key] = self._blocks.get(key, 0) + 1
+        outcome = "blocked" if kind == BLOCK else "passed"
+        rules = self._rules
+        for match in verdict.matches:
+            key = (match.id, outcome)
+            rules[key] = rules.get(key, 0) + 1
+
+    def response_miss(self, context: mapping.RequestContext, failure: NoVerdict, policy, seconds: float) -> None:
+        super().response_miss(context, failure, policy, seconds)
+        self._misses[(failure.miss.value, policy.value)].inc()
+        key = (MISS, self._apps(context.app or "default"))
+        self._responses[key] = self._responses.get(key, 0) + 1
+
+    def response_failure(self, context, failure: NoVerdict, seconds: float) -> None:
+        self._response_failures[failure.label].inc()
+        if context is None:
+            return  # an invalid message: counted by invalid_message
+        key = (ERROR, self._apps(context.app or "default"))
+        self._responses[key] = self._responses.get(key, 0) + 1
 
     # -- pool ----------------------------------------------------------------
     def retried(self, worker: str) -> None:

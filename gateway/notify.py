@@ -1,13 +1,15 @@
-"""A NOTIFY frame straight into EvaluateRequest bytes, in one pass.
+"""A NOTIFY frame straight into EvaluateRequest (or ResponseRequest) bytes,
+in one pass.
 
 AgentConnection(notify_decoder=NotifyDecoder(...)) calls it for every NOTIFY
 instead of building Message and argument tuples: string and binary values
 are sliced out of the frame and copied into the protobuf bytes as they are.
 It decodes exactly what gateway/spop/frames.py would (the same SpopError for
 a malformed frame, so the connection's protocol errors do not change) and
-maps exactly what gateway.mapping.build_request would (the same
-InvalidMessage problem and argument): tests/unit/test_notify.py compares
-both, byte for byte, on generated messages.
+maps exactly what gateway.mapping.build_request (check-response:
+gateway.responses.build_response) would (the same InvalidMessage problem and
+argument): tests/unit/test_notify.py compares both, byte for byte, on
+generated messages.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from socket import inet_ntoa
 
 from gateway import mapping
 from gateway import protowire as pw
+from gateway import responses
 from gateway.mapping import InvalidMessage, Problem, RequestContext
 from gateway.spop import SpopError, Status
 from gateway.spop.types import decode_text, decode_typed, decode_varint
 
 _INVALID = Status.INVALID
+_RESPONSE = mapping.CHECK_RESPONSE
 _SCHEMAS = {schema.name.encode(): schema for schema in mapping.MESSAGES.values()}
 _FIELDS = {schema.name: {a.name.encode(): a.field for a in schema.arguments}
            for schema in mapping.MESSAGES.values()}
@@ -30,20 +34,23 @@ _STRING, _BINARY, _IPV4, _IPV6 = 8, 9, 6, 7
 
 
 class Decoded:
-    """One NOTIFY, mapped: either `request` (EvaluateRequest bytes) and
-    `context`, or `error` (an InvalidMessage the failure policy answers).
-    `ignored` lists (message, argument) names the gateway did not use
+    """One NOTIFY, mapped: either `request` (EvaluateRequest bytes, or
+    ResponseRequest bytes when `worker` is not None) and `context`, or
+    `error` (an InvalidMessage the failure policy answers). `worker` names
+    the wafsvc worker a response must reach ("" when its request was not
+    kept). `ignored` lists (message, argument) names the gateway did not use
     (argument "" for a whole message)."""
-    __slots__ = ("stream_id", "frame_id", "request", "context", "error", "ignored")
+    __slots__ = ("stream_id", "frame_id", "request", "context", "error", "ignored", "worker")
 
     def __init__(self, stream_id: int, frame_id: int, request: bytes | None, context: RequestContext | None,
-                 error: InvalidMessage | None, ignored: list) -> None:
+                 error: InvalidMessage | None, ignored: list, worker: str | None = None) -> None:
         self.stream_id = stream_id
         self.frame_id = frame_id
         self.request = request
         self.context = context
         self.error = error
         self.ignored = ignored
+        self.worker = worker
 
 
 def _wrong(field: str, tag: int, wanted: str) -> InvalidMessage:
@@ -116,12 +123,22 @@ def _port(tv, field: str) -> int:
     return port
 
 
+def _flag(tv, field: str) -> bool:
+    if tv is None or tv[0] == 0:
+        return False
+    tag, value = tv
+    if 1 <= tag <= 5:
+        return bool(value)
+    raise _wrong(field, tag, "a boolean (bool(true)) or an integer")
+
+
 _ONE = tuple(bytes((i,)) for i in range(128))
 
 
-def _headers(data: bytes) -> tuple[list, int, bytes]:
+def _headers(data: bytes, tag: bytes = pw.T_HEADER) -> tuple[list, int, bytes]:
     """req.hdrs_bin -> (EvaluateRequest.headers entries, Content-Length or
-    -1, Host) in one walk; the checks of spop.types.parse_hdrs_bin."""
+    -1, Host) in one walk; the checks of spop.types.parse_hdrs_bin.
+    res.hdrs_bin with tag=pw.R_HEADER: ResponseRequest.headers entries."""
     out: list[bytes] = []   # pieces of the entries, joined with the rest of the request
     extend = out.extend
     one = _ONE
@@ -154,11 +171,11 @@ def _headers(data: bytes) -> tuple[list, int, bytes]:
             value = data[vpos:end]
             size = ln + lv + 4
             if not lv:   # proto3 leaves an empty value out
-                out.append(pw.header(name, value))
+                out.append(pw.header(name, value, tag))
             elif size < 128:
-                extend((b"\x4a", one[size], b"\x0a", one[ln], name, b"\x12", one[lv], value))
+                extend((tag, one[size], b"\x0a", one[ln], name, b"\x12", one[lv], value))
             else:
-                out.append(pw.header(name, value))
+                out.append(pw.header(name, value, tag))
             if ln == 14 and name == b"content-length":
                 try:
                     content_length = int(value)
@@ -273,8 +290,12 @@ class NotifyDecoder:
         schema, values, unknown = chosen
         unknown_names = [decode_text(k) for k in unknown]
         ignored.extend((schema.name, name) for name in unknown_names)
+        worker = None
         try:
-            request, context = self._map(schema, values)
+            if schema is _RESPONSE:
+                request, worker, context = self._map_response(values)
+            else:
+                request, context = self._map(schema, values)
         except InvalidMessage as exc:
             exc.message = exc.message or schema.name
             exc.argument = schema.names.get(exc.argument, exc.argument)
@@ -282,10 +303,9 @@ class NotifyDecoder:
                 exc.hint = f"the gateway expects: args {schema.args_line()}"
             exc.unknown = unknown_names
             return Decoded(stream_id, frame_id, None, None, exc, ignored)
-        return Decoded(stream_id, frame_id, request, context, None, ignored)
+        return Decoded(stream_id, frame_id, request, context, None, ignored, worker)
 
-    def _map(self, schema: mapping.MessageSchema, values: dict) -> tuple[bytes, RequestContext]:
-        # The same checks, in the same order, as mapping.map_message.
+    def _required(self, schema: mapping.MessageSchema, values: dict) -> None:
         for arg in schema.arguments:
             if arg.required:
                 tv = values.get(arg.field, False)
@@ -296,6 +316,52 @@ class NotifyDecoder:
                     raise InvalidMessage(Problem.NULL_ARGUMENT, f"is NULL (HAProxy's {arg.fetch} gave nothing)",
                                          schema.name, arg.field, f"check that {arg.name}={arg.fetch} applies to "
                                          f"this request (a request without a path, such as OPTIONS *, has no path)")
+
+    def _map_response(self, values: dict) -> tuple[bytes, str, RequestContext]:
+        # The same checks, in the same order, as responses.build_response.
+        self._required(_RESPONSE, values)
+        get = values.get
+        handle = _text(get("handle"), "handle")
+        worker = responses.worker_of(handle.decode()) if handle else ""
+        raw_headers = _raw(get("headers"), "headers")
+        try:
+            encoded, content_length, _ = _headers(raw_headers, pw.R_HEADER)
+        except SpopError as exc:
+            raise InvalidMessage(Problem.BAD_VALUE, f"is not a res.hdrs_bin block ({exc.message})",
+                                 argument="headers") from None
+        body = _raw(get("body"), "body")
+        status = _int(get("status"), "status", -1)
+        if not 100 <= status <= 999:
+            responses.status_of(status)  # raises the reference's error
+        method = _text(get("method"), "method")
+        body_size = _int(get("body_size"), "body_size", -1)
+        truncated = responses.expects_body(method, status) and mapping.body_was_cut(
+            len(body), content_length, body_size, len(raw_headers), self.bufsize)
+        app = _text(get("app"), "app") or self.default_app
+        version = _text(get("ver"), "ver")
+        unique_id = _text(get("id"), "id")
+        frontend = _text(get("frontend"), "frontend")
+        field = pw.field
+        parts = [field(pw.R_HANDLE, handle)] if handle else []
+        parts.append(pw.R_STATUS + pw.varint(status))
+        if version:
+            parts.append(field(pw.R_HTTP_VERSION, version))
+        parts.extend(encoded)
+        if body:
+            parts.append(field(pw.R_BODY, body))
+        if truncated:
+            parts.append(pw.R_BODY_TRUNCATED)
+        if content_length:
+            parts.append(pw.R_CONTENT_LENGTH + pw.varint(content_length))
+        if unique_id:
+            parts.append(field(pw.R_TRANSACTION_ID, unique_id))
+        context = RequestContext(unique_id=unique_id.decode(), frontend=frontend.decode(), host="",
+                                 app=app.decode(), body_truncated=truncated)
+        return b"".join(parts), worker, context
+
+    def _map(self, schema: mapping.MessageSchema, values: dict) -> tuple[bytes, RequestContext]:
+        # The same checks, in the same order, as mapping.map_message.
+        self._required(schema, values)
         get = values.get
         raw_headers = _raw(get("headers"), "headers")
         try:
@@ -323,6 +389,7 @@ class NotifyDecoder:
         if not uri:
             raise InvalidMessage(Problem.BAD_VALUE, "is empty", argument="uri" if "uri" in values else "path")
         version = _text(get("ver"), "ver") or b"1.1"
+        inspect = _flag(get("inspect_response"), "inspect_response")
         if not method:
             raise InvalidMessage(Problem.BAD_VALUE, "is empty", argument="method")
         ignore = _text(get("ignore"), "ignore")
@@ -355,6 +422,8 @@ class NotifyDecoder:
             parts.append(field(pw.T_APPLICATION, app))
         if rule_ids:
             parts.append(pw.packed(pw.T_IGNORE_RULE_IDS, rule_ids))
+        if inspect:
+            parts.append(pw.T_INSPECT_RESPONSE)
         context = RequestContext(unique_id=unique_id.decode(), frontend=frontend.decode(),
                                  host=host.decode("latin-1"), app=app.decode(), body_truncated=truncated)
         return b"".join(parts), context

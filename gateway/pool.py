@@ -15,9 +15,14 @@ retried, answered). The parts, one job each:
 
 Every request is answered exactly once: callback(verdict, None), or
 callback(None, NoVerdict) at the latest at the deadline. A worker's in-flight
-count goes down in one place, _release. A request that must reach one named
-worker (the transaction it holds, issue 13) would take Workers.get(name)
-in _dispatch instead of Workers.pick, and fail at once when it is None.
+count goes down in one place, _release.
+
+A response (submit_response) is pinned to the worker named in its handle:
+it is dispatched only there (Workers.route), retried only there (another
+lane to the same worker, after a stream failure), never hedged elsewhere,
+and answered at once as a miss when no open lane reaches that worker (it
+died or drains, and its transactions with it: NO_ROUTE) or the worker is
+hung (WORKER_HUNG): waiting could only end at the deadline.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from collections import deque
 import grpc
 
 from gateway.channels import Channels, grpc_options
-from gateway.failures import STREAM_FAILED, NoVerdict
+from gateway.failures import NO_ROUTE, STREAM_FAILED, WORKER_HUNG, NoVerdict
 from gateway.lanes import Callback, Lane, Pending, PoolStats, Worker
-from gateway.protowire import batch_entry
+from gateway.protowire import batch_entry, response_entry
 from gateway.streams import LaneRunner
 from gateway.sweeper import MAX_ATTEMPTS, Sweeper
 from gateway.workers import Workers
@@ -110,11 +115,42 @@ class WafPool:
         self.sweeper.add(pending)
         self._dispatch(pending)
 
-    def _dispatch(self, pending: Pending, avoid: Worker | None = None) -> None:
-        lane = self.workers.pick(avoid)
-        if lane is None:
-            self.parked.append(pending)
+    def submit_response(self, worker: str, response: bytes, callback: Callback) -> None:
+        """Queues one response, a serialized waf.v1.ResponseRequest, for the
+        worker that holds its transaction."""
+        self._next_ref += 1
+        ref = self._next_ref
+        now = time.monotonic()
+        pending = Pending(ref, response_entry(ref, response), callback, now + self.deadline_s,
+                          now + self.hedge_s)
+        pending.pin = worker
+        stats = self.stats
+        stats.submitted += 1
+        stats.responses += 1
+        if self._unreachable(pending):  # answered at once: waiting cannot bring it back
             return
+        self.sweeper.add(pending)
+        self._dispatch(pending)
+
+    def _unreachable(self, pending: Pending) -> bool:
+        """Answers a response whose worker cannot be reached with its miss."""
+        worker = self.workers.get(pending.pin)
+        if worker is not None and not worker.stalled:
+            return False
+        self.stats.unreachable += 1
+        self.finish(pending, None, NO_ROUTE if worker is None else WORKER_HUNG)
+        return True
+
+    def _dispatch(self, pending: Pending, avoid: Worker | None = None) -> None:
+        if pending.pin is not None:
+            if self._unreachable(pending):
+                return
+            lane = self.workers.route(pending.pin)
+        else:
+            lane = self.workers.pick(avoid)
+            if lane is None:
+                self.parked.append(pending)
+                return
         lane.worker.inflight += 1
         pending.lane = lane
         pending.attempts += 1
@@ -142,6 +178,11 @@ class WafPool:
             log.exception("verdict callback failed")
 
     def can_retry(self, pending: Pending) -> bool:
+        """Another attempt is allowed. A response may try every lane to its
+        worker: when the worker died they fail one by one, then it has no
+        route left and is a miss (NO_ROUTE), not a failure."""
+        if pending.pin is not None:
+            return time.monotonic() < pending.deadline
         return pending.attempts < MAX_ATTEMPTS and time.monotonic() < pending.deadline
 
     def retry(self, pending: Pending, failed: Worker | None) -> None:
@@ -169,7 +210,7 @@ class WafPool:
 
     def detach(self, lane: Lane) -> None:
         """Takes the lane out of service and re-sends what it owed."""
-        worker = self.workers.stop_taking_work(lane)
+        worker = self.workers.forget(lane)
         if worker is not None:
             worker.outstanding -= len(lane.unanswered)
         lane.unanswered.clear()

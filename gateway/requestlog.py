@@ -53,6 +53,29 @@ class RequestLog(GatewayHooks):
         else:
             log.debug("request passed", extra=event)
 
+    def response_verdict(self, context: mapping.RequestContext, verdict, seconds: float) -> None:
+        if not (self.debug or (self.info and verdict.intervention)):
+            return
+        event = {"unique_id": context.unique_id, "frontend": context.frontend, "app": context.app,
+                 "status": verdict.status, "action": mapping.ACTION_NAMES.get(verdict.action, "pass"),
+                 "rules": [m.id for m in verdict.matches], "ms": round(seconds * 1000, 3)}
+        if context.body_truncated:
+            event["body_truncated"] = True
+        if self.request_data and verdict.matches:
+            event["matched_data"] = verdict.matches[0].matched_data[:MATCHED_DATA_CHARS]
+        if verdict.intervention:
+            log.info("response blocked", extra=event)
+        else:
+            log.debug("response passed", extra=event)
+
+    def response_miss(self, context: mapping.RequestContext, failure, policy, seconds: float) -> None:
+        # Counted in metrics; one line each only at debug: a replica that
+        # dies takes many transactions with it.
+        if self.debug:
+            log.debug("response's transaction gone; miss policy applied", extra={
+                "unique_id": context.unique_id, "reason": failure.miss.value, "policy": policy.value,
+                "ms": round(seconds * 1000, 3)})
+
     def invalid_message(self, error: mapping.InvalidMessage) -> None:
         key = (error.problem, error.message, error.argument)
         now = self._clock()

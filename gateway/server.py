@@ -16,14 +16,21 @@ from functools import partial
 from gateway.acks import AckEncoder
 from gateway.apps import AppPolicies
 from gateway.config import GatewayConfig
-from gateway.failures import Failure, NoVerdict
-from gateway.mapping import InvalidMessage, RequestContext
+from gateway.failures import NO_HANDLE, Failure, NoVerdict
+from gateway.mapping import CHECK_RESPONSE, InvalidMessage, RequestContext
 from gateway.notify import Decoded, NotifyDecoder
 from gateway.pool import PoolHooks
+from gateway.responses import MissPolicy
 from gateway.spop import (AgentConnection, ConnectionClosed, ConnectionState, DisconnectReceived,
                           HelloReceived, NotifyReceived, SpopError, Status)
 
 log = logging.getLogger("gateway.server")
+
+# At shutdown: a connection says goodbye once HAProxy has been quiet on it
+# this long, then waits this long at most for HAProxy to close it
+# (SpopProtocol.disconnect).
+QUIET_S = 0.02
+LINGER_S = 1.0
 
 
 class GatewayHooks(PoolHooks):
@@ -39,6 +46,12 @@ class GatewayHooks(PoolHooks):
     def ignored(self, message: str, argument: str) -> None: ...
     def verdict(self, context: RequestContext, verdict, seconds: float) -> None: ...
     def failure(self, context: RequestContext | None, failure: NoVerdict, seconds: float) -> None: ...
+    # A response (check-response): its verdict, a miss (the miss policy
+    # answered), or no verdict for another reason (the failure policy).
+    def response_verdict(self, context: RequestContext, verdict, seconds: float) -> None: ...
+    def response_miss(self, context: RequestContext, failure: NoVerdict, policy: MissPolicy,
+                      seconds: float) -> None: ...
+    def response_failure(self, context: RequestContext | None, failure: NoVerdict, seconds: float) -> None: ...
 
 
 class Gateway:
@@ -50,8 +63,9 @@ class Gateway:
         self.pool = pool
         self.hooks = hooks or GatewayHooks()
         self.fail_closed = config.failure_policy == "closed"
-        # Each application's failure policy, as wafsvc last told it (gateway/apps.py).
-        self.policies = policies or AppPolicies(self.fail_closed)
+        # Each application's failure and response-miss policies, as wafsvc
+        # last told them (gateway/apps.py); the gateway's options otherwise.
+        self.policies = policies or AppPolicies(self.fail_closed, MissPolicy(config.response_miss_policy))
         self.acks = AckEncoder(self.fail_closed)
         self.decoder = NotifyDecoder(config.default_app, config.haproxy_bufsize)
         self.connections: set[SpopProtocol] = set()
@@ -70,15 +84,24 @@ class Gateway:
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let evaluations in flight finish, then say goodbye
-        on every connection with AGENT-DISCONNECT."""
+        on every connection with AGENT-DISCONNECT: each as soon as it owes
+        no answer and HAProxy has sent nothing on it for QUIET_S (a frame
+        HAProxy sent just before the goodbye is lost with the connection,
+        and HAProxy 2.6 leaves a lost response message waiting), the rest
+        when grace_s runs out."""
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace_s
-        while self.pool.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        while self.connections and time.monotonic() < deadline:
+            for proto in list(self.connections):
+                if proto.quiet(QUIET_S):
+                    proto.disconnect(Status.NORMAL, "agent shutting down", linger_s=LINGER_S)
+            await asyncio.sleep(QUIET_S / 2)
         for proto in list(self.connections):
-            proto.disconnect(Status.NORMAL, "agent shutting down")
-        await asyncio.sleep(0)
+            proto.disconnect(Status.NORMAL, "agent shutting down", linger_s=LINGER_S)
+        deadline = time.monotonic() + LINGER_S
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def resume_if_room(self) -> None:
         if self.paused and self.pool.inflight < self.config.max_inflight // 2:
@@ -99,6 +122,8 @@ class SpopProtocol(asyncio.Protocol):
         self._frame_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
         self._writing_paused = False
+        self._lingering = False
+        self.owed = 0  # NOTIFYs taken and not answered yet
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -119,6 +144,8 @@ class SpopProtocol(asyncio.Protocol):
         self.gateway.hooks.connection_closed("io" if exc else "closed")
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # said goodbye: HAProxy is closing; frames sent meanwhile are refused by the DISCONNECT
         self._last_data = self._loop.time()
         events = self.conn.receive_data(data)
         hooks = self.gateway.hooks
@@ -167,11 +194,24 @@ class SpopProtocol(asyncio.Protocol):
         if error is not None:
             # Never evaluated as an empty request: the failure policy answers.
             hooks.invalid_message(error)
-            self._fail(decoded.stream_id, decoded.frame_id, None,
-                       NoVerdict(Failure.INVALID_MESSAGE, f"invalid SPOE message: {error}"), 0.0)
+            failure = NoVerdict(Failure.INVALID_MESSAGE, f"invalid SPOE message: {error}")
+            if error.message == CHECK_RESPONSE.name:
+                self._fail_response(decoded.stream_id, decoded.frame_id, None, failure, 0.0)
+            else:
+                self._fail(decoded.stream_id, decoded.frame_id, None, failure, 0.0)
             return
-        gateway.pool.submit(decoded.request, partial(self._on_result, decoded.stream_id, decoded.frame_id,
-                                                     decoded.context, time.perf_counter()))
+        worker = decoded.worker
+        self.owed += 1
+        if worker is None:
+            gateway.pool.submit(decoded.request, partial(self._on_result, decoded.stream_id, decoded.frame_id,
+                                                         decoded.context, time.perf_counter()))
+        else:
+            callback = partial(self._on_response, decoded.stream_id, decoded.frame_id, decoded.context,
+                               time.perf_counter())
+            if worker:
+                gateway.pool.submit_response(worker, decoded.request, callback)
+            else:
+                callback(None, NO_HANDLE)
         if gateway.pool.inflight >= gateway.config.max_inflight and self.transport is not None:
             # Backpressure: stop reading NOTIFYs until wafsvc catches up.
             self.transport.pause_reading()
@@ -181,14 +221,15 @@ class SpopProtocol(asyncio.Protocol):
                    started: float, verdict, failure: NoVerdict | None) -> None:
         gateway = self.gateway
         elapsed = time.perf_counter() - started
+        self.owed -= 1
         if verdict is not None:
             gateway.hooks.verdict(context, verdict, elapsed)
             if self.transport is not None:
                 acks = gateway.acks
                 try:
                     self.conn.send_encoded_ack(stream_id, frame_id, acks.verdict(verdict))
-                except SpopError:  # too big for the frame: keep the decision, drop the details
-                    self.conn.send_encoded_ack(stream_id, frame_id, acks.decision(verdict))
+                except SpopError:  # too big for the frame: keep the decision (and handle), drop the details
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.short(verdict))
                 self._schedule_flush()
         else:
             closed = gateway.policies.fails_closed(context.app)
@@ -198,6 +239,48 @@ class SpopProtocol(asyncio.Protocol):
             self._fail(stream_id, frame_id, context, failure, elapsed, closed)
         if gateway.paused:
             gateway.resume_if_room()
+
+    def _on_response(self, stream_id: int, frame_id: int, context: RequestContext,
+                     started: float, verdict, failure: NoVerdict | None) -> None:
+        gateway = self.gateway
+        elapsed = time.perf_counter() - started
+        self.owed -= 1
+        if verdict is not None:
+            gateway.hooks.response_verdict(context, verdict, elapsed)
+            if self.transport is not None:
+                acks = gateway.acks
+                try:
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.response_verdict(verdict))
+                except SpopError:  # too big for the frame: keep the decision, drop the details
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.response_decision(verdict))
+                self._schedule_flush()
+        elif failure.is_miss:
+            # The transaction is gone: the miss policy answers at once.
+            policy = gateway.policies.miss(context.app)
+            gateway.hooks.response_miss(context, failure, policy, elapsed)
+            if self.transport is not None:
+                self.conn.send_encoded_ack(stream_id, frame_id, gateway.acks.response_miss(failure.miss, policy))
+                self._schedule_flush()
+        else:
+            closed = gateway.policies.fails_closed(context.app)
+            log.warning("no verdict for a response; failure policy applied", extra={
+                "unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
+                "app": context.app, "policy": "closed" if closed else "open"})
+            self._fail_response(stream_id, frame_id, context, failure, elapsed, closed)
+        if gateway.paused:
+            gateway.resume_if_room()
+
+    def _fail_response(self, stream_id: int, frame_id: int, context: RequestContext | None,
+                       failure: NoVerdict, elapsed: float, fail_closed: bool | None = None) -> None:
+        self.gateway.hooks.response_failure(context, failure, elapsed)
+        if self.transport is None:
+            return
+        actions, decision = self.gateway.acks.response_failure(str(failure), fail_closed)
+        try:
+            self.conn.send_encoded_ack(stream_id, frame_id, actions)
+        except SpopError:
+            self.conn.send_encoded_ack(stream_id, frame_id, decision)
+        self._schedule_flush()
 
     def _fail(self, stream_id: int, frame_id: int, context: RequestContext | None,
               failure: NoVerdict, elapsed: float, fail_closed: bool | None = None) -> None:
@@ -226,11 +309,27 @@ class SpopProtocol(asyncio.Protocol):
         if data and self.transport is not None:
             self.transport.write(data)
 
-    def disconnect(self, status: Status, message: str) -> None:
+    def disconnect(self, status: Status, message: str, linger_s: float = 0.0) -> None:
+        """AGENT-DISCONNECT, then close. With linger_s, half-close instead
+        and let HAProxy close: closing a socket that holds unread NOTIFYs
+        makes the kernel send a reset, which can destroy the DISCONNECT
+        before HAProxy reads it; HAProxy 2.6 then leaves a response message
+        (send-spoe-group) waiting until its 'timeout server'."""
         self.conn.disconnect(status, message)
         self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if linger_s > 0 and transport.can_write_eof():
+            transport.write_eof()
+            self._lingering = True
+            self._loop.call_later(linger_s, transport.close)
+        else:
+            transport.close()
+
+    def quiet(self, for_s: float) -> bool:
+        """Owes no answer, and HAProxy has sent nothing for for_s."""
+        return not self.owed and self._loop.time() - self._last_data >= for_s
 
     def resume(self) -> None:
         if self.transport is not None and not self._writing_paused:

@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from gateway.failures import Failure, NoVerdict
+from gateway.failures import refusal
 from gateway.lanes import Lane, passthrough
 from wafapi import waf_pb2
 
@@ -166,7 +166,9 @@ class LaneRunner:
             error = item.error
             pool.stats.errors += 1
             pool.hooks.grpc_error(worker.name if worker else "", error.code)
-            if error.code in RETRYABLE and pool.can_retry(pending):
+            # A response is never sent again: its worker has taken (and ended)
+            # the transaction, whatever went wrong.
+            if error.code in RETRYABLE and pending.pin is None and pool.can_retry(pending):
                 pool.retry(pending, worker)
             else:
-                pool.finish(pending, None, NoVerdict(Failure.REFUSED, error.message, error.code, error.reason))
+                pool.finish(pending, None, refusal(error.code, error.message, error.reason))

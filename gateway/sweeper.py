@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 
-from gateway.failures import TIMED_OUT
+from gateway.failures import TIMED_OUT, WORKER_HUNG
 from gateway.lanes import Pending
 
 log = logging.getLogger("gateway.pool")
@@ -84,7 +84,8 @@ class Sweeper:
     def hedge(self, pending: Pending) -> None:
         """The worker has not answered anything since this request was
         submitted: it is hung (or stuck on one huge request). Everything it
-        holds goes elsewhere, and it gets no new work until it answers."""
+        holds goes elsewhere, and it gets no new work until it answers;
+        responses, which no other worker can evaluate, are misses now."""
         pool = self.pool
         worker = pending.lane.worker
         if worker is None or worker.last_answer >= pending.hedge_at - self.hedge_s:
@@ -101,12 +102,19 @@ class Sweeper:
         log.warning("wafsvc worker is not answering; sending its requests elsewhere",
                     extra={"worker": worker.name, "after_ms": round(self.hedge_s * 1000)})
         for lane in list(worker.lanes):
-            held = list(lane.sent.values()) + lane.queue
+            sent, queued = list(lane.sent.values()), lane.queue
             lane.sent.clear()
-            lane.queue.clear()
-            for item in held:
-                if not item.done and item.lane is lane and item.attempts < MAX_ATTEMPTS:
+            lane.queue = []
+            for item in sent + queued:
+                if item.done or item.lane is not lane:
+                    continue
+                if item.pin is not None:
+                    # A response only that worker can evaluate: a miss now
+                    # (WORKER_HUNG), rather than a failure at the deadline.
+                    pool.stats.unreachable += 1
+                    pool.finish(item, None, WORKER_HUNG)
+                elif item.attempts < MAX_ATTEMPTS:
                     pool.stats.hedges += 1
                     pool.retry(item, worker)
-                elif not item.done and item.lane is lane:
+                else:
                     lane.sent[item.ref] = item  # out of attempts: the deadline answers it

@@ -5,6 +5,12 @@ stream's initial metadata. A worker is ready while at least one lane (one
 EvaluateStream call) takes work for it. Dispatch is least in flight per
 worker, not per lane or per replica: one HTTP/2 connection pins to one
 SO_REUSEPORT worker, so lanes are only a way to reach workers.
+
+A response goes to the worker its handle names (route), never elsewhere:
+through a lane that takes work, or else through a retired lane that is
+still open (a spare). A channel replaced by rotation keeps its lanes open as
+spares while they are the only way to a worker that may hold transactions,
+so rotation does not turn responses into misses.
 """
 
 from __future__ import annotations
@@ -26,9 +32,18 @@ class Workers:
         self._turn = 0
 
     def get(self, name: str) -> Worker | None:
-        """The ready worker of that name: what a request that must reach one
-        given worker (a transaction it holds) would be dispatched to."""
+        """The worker of that name, while at least one open lane reaches it."""
         return self._by_name.get(name)
+
+    def route(self, name: str) -> Lane | None:
+        """A lane to the worker of that name (a response for a transaction it
+        holds), or None when no open lane reaches it: never another worker."""
+        worker = self._by_name.get(name)
+        if worker is None:
+            return None
+        if worker.lanes:
+            return self.lane_of(worker)
+        return worker.spares[0] if worker.spares else None
 
     def pick(self, avoid: Worker | None = None) -> Lane | None:
         """A lane of the least loaded worker, rotating among ties so idle
@@ -72,21 +87,40 @@ class Workers:
             self.ready.append(worker)
             log.info("wafsvc worker available", extra={"worker": name, "workers": len(self.ready)})
 
-    def stop_taking_work(self, lane: Lane) -> Worker | None:
-        """Removes the lane from dispatch; answers still arrive on it."""
+    def stop_taking_work(self, lane: Lane, spare: bool = False) -> Worker | None:
+        """Removes the lane from dispatch; answers still arrive on it. A
+        spare (a retired lane, still open) still carries responses."""
         worker = lane.worker
         if worker is None or lane not in worker.lanes:
             return worker
         worker.lanes.remove(lane)
         worker.turn = 0
+        if spare:
+            worker.spares.append(lane)
         if not worker.lanes:
             self.ready.remove(worker)
-            if self._by_name.get(worker.name) is worker:
-                del self._by_name[worker.name]
             if not any(w.replica == worker.replica for w in self.ready):
                 self._replicas.pop(worker.replica, None)
             log.info("wafsvc worker has no lanes", extra={"worker": worker.name, "workers": len(self.ready)})
+        self._forget_if_unreachable(worker)
         return worker
+
+    def forget(self, lane: Lane) -> Worker | None:
+        """The lane is closing: it reaches its worker no more."""
+        worker = self.stop_taking_work(lane)
+        if worker is not None and lane in worker.spares:
+            worker.spares.remove(lane)
+            self._forget_if_unreachable(worker)
+        return worker
+
+    def _forget_if_unreachable(self, worker: Worker) -> None:
+        if not worker.lanes and not worker.spares and self._by_name.get(worker.name) is worker:
+            del self._by_name[worker.name]
+
+    def needs(self, lane: Lane) -> bool:
+        """A retired lane is needed while it is the only way to its worker."""
+        worker = lane.worker
+        return worker is not None and lane in worker.spares and not worker.lanes
 
     def coverage(self) -> dict[str, tuple[int, int]]:
         """replica -> (workers with a lane, workers it reports)."""

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bench import spop_driver
-from gateway import mapping
+from gateway import mapping, responses
 from gateway.acks import AckEncoder
 from gateway.notify import NotifyDecoder
 from gateway.protowire import batch_entry, varint
@@ -38,11 +38,14 @@ def _reference(frame: bytes, default_app: str = "", bufsize: int = BUF):
     if not known:
         return "unknown_message"
     try:
+        if known[0].name == mapping.CHECK_RESPONSE.name:
+            response, worker, context = responses.build_response(known[0].args, default_app, bufsize)
+            return response.SerializeToString(), context, worker
         request, context = mapping.build_request(known[0].args, default_app, bufsize,
                                                  schema=mapping.MESSAGES[known[0].name])
     except mapping.InvalidMessage as exc:
         return (exc.problem, exc.message, exc.argument)
-    return request.SerializeToString(), context
+    return request.SerializeToString(), context, None
 
 
 def _fast(frame: bytes, default_app: str = "", bufsize: int = BUF):
@@ -53,7 +56,7 @@ def _fast(frame: bytes, default_app: str = "", bufsize: int = BUF):
         if decoded.error.problem is mapping.Problem.UNKNOWN_MESSAGE:
             return "unknown_message"
         return (decoded.error.problem, decoded.error.message, decoded.error.argument)
-    return decoded.request, decoded.context
+    return decoded.request, decoded.context, decoded.worker
 
 
 @pytest.mark.parametrize("mix", ["benign", "attack"])
@@ -89,7 +92,7 @@ _any_value = st.one_of(st.none(), st.booleans(), _text_or_bytes,
                        st.integers(0, (1 << 128) - 1).map(IPv6Address))
 _headers = st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=300)), max_size=6).map(
     encode_hdrs_bin)
-_good = {"method": st.sampled_from(["GET", "POST", "G\xe9T"]),
+_good = {"method": st.sampled_from(["GET", "POST", "HEAD", "G\xe9T"]),
          "uri": st.sampled_from(["/", "/a?b=%27", b"/\xff", b"/\xc3\xa9"]),
          "path": st.sampled_from(["/", "/search", b"/\xff"]), "query": st.sampled_from([None, "", "q=%27", b"a\xfe"]),
          "headers": _headers, "reqhdrs": _headers,
@@ -100,14 +103,19 @@ _good = {"method": st.sampled_from(["GET", "POST", "G\xe9T"]),
          "ignore": st.sampled_from([None, "942100 920350", "x1", "0"]), "ignorerules": st.sampled_from([None, "942100"]),
          "body_size": st.integers(-1, 500).map(Int64), "id": _text_or_bytes, "app": _text_or_bytes,
          "ver": st.sampled_from([None, "1.1", "2.0"]), "reqver": st.sampled_from([None, "1.1"]),
-         "frontend": _text_or_bytes}
+         "frontend": _text_or_bytes,
+         "inspect_response": st.sampled_from([None, True, False, Int32(1), Int64(0)]),
+         "handle": st.sampled_from([None, "", "host/1/42#ab12.1f", "h/1/2#", "#x", "nohash", b"w/1#\xff"]),
+         "status": st.sampled_from([Int64(200), Int64(403), Int64(204), Int64(304), Int64(101), Int64(99),
+                                    Int64(1000), UInt32(500)])}
 
 
 @st.composite
 def _messages(draw):
     """A whole message of a known schema (or not), then a few mistakes:
     an argument dropped, one of any type, unknown ones, duplicates."""
-    name = draw(st.sampled_from(["check-request", "check-request", "modsecurity", "other"]))
+    name = draw(st.sampled_from(["check-request", "check-request", "modsecurity", "check-response",
+                                 "check-response", "other"]))
     schema = mapping.MESSAGES.get(name, mapping.CHECK_REQUEST)
     args = [(a.name, draw(_good.get(a.name, _any_value))) for a in schema.arguments]
     for _ in range(draw(st.integers(0, 2))):
