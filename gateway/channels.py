@@ -3,7 +3,10 @@
 - `channels` slots, each one gRPC channel with its own connections (local
   subchannel pool) and round_robin over every address the target resolves
   to (`dns:///wafsvc:50051` or `ipv4:a:p,b:p`). Each slot carries `streams`
-  lanes.
+  lanes, or one per address when there are more addresses (round_robin
+  gives each new stream the next replica: fewer streams than replicas would
+  leave some replica without a stream from that slot, a new replica for
+  several rotations).
 - Coverage: one HTTP/2 connection pins to one SO_REUSEPORT worker, chosen by
   a hash of the connection, so some worker may get no connection at all.
   While the workers reached fall short of the counts replicas report, a slot
@@ -13,7 +16,10 @@
   joined DNS, came back after a crash or were down at start get lanes (a new
   channel resolves the target again). Replacing is lossless: the new slot's
   lanes start first; the old ones take no new work and close once they have
-  answered, at the latest after one deadline.
+  answered, at the latest after one deadline. An old lane that is the only
+  way to its worker stays open for responses (a spare, gateway/workers.py)
+  until the worker is reached again, at most RESPONSE_GRACE_S: held
+  transactions live there.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 
 import grpc
@@ -34,6 +41,53 @@ SETTLE_S = 0.2
 CONNECT_TIMEOUT_S = 2.0
 COVERAGE_COOLDOWN_S = 0.5        # between two coverage repairs
 COVERAGE_FAST_ATTEMPTS = 20      # then repair only as often as rotation
+# A retired lane that is the only way to its worker stays open this long at
+# most, for responses: a little above wafsvc's default transaction TTL (35 s).
+RESPONSE_GRACE_S = 40.0
+
+
+def listed_addresses(target: str) -> int | None:
+    """How many addresses an ipv4:/ipv6: target lists; None for a name."""
+    scheme, sep, rest = target.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        return len([a for a in rest.split(",") if a])
+    if scheme == "unix" or scheme == "unix-abstract":
+        return 1
+    return None
+
+
+def name_and_port(target: str) -> tuple[str, str] | None:
+    """(host, port) of dns:///host:port, dns://authority/host:port or host:port."""
+    if target.startswith("dns:"):
+        target = target[4:].lstrip("/")
+        if "/" in target:  # dns://authority/host:port
+            target = target.split("/", 1)[1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), port
+
+
+async def count_addresses(target: str) -> int:
+    """How many addresses the target resolves to now (0: unknown)."""
+    listed = listed_addresses(target)
+    if listed is not None:
+        return listed
+    where = name_and_port(target)
+    if where is None:
+        return 0
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(*where, type=socket.SOCK_STREAM)
+    except OSError:
+        return 0
+    return len({info[4][:2] for info in infos})
+
+
+def lanes_per_slot(streams: int, addresses: int, known_replicas: int) -> int:
+    """At least one lane per replica, so that round_robin hands every
+    replica a stream of each new slot: the addresses counted now, or, when
+    they cannot be counted, one more than the replicas already known."""
+    return max(streams, addresses or known_replicas + 1)
 
 
 def grpc_options(max_message_bytes: int, extra: tuple = ()) -> list:
@@ -64,6 +118,7 @@ class Channels:
         self.max_slots = max(4 * channels, 16)
         self.slots: list[Slot] = []
         self.replacing: asyncio.Task | None = None
+        self.retiring: set[asyncio.Task] = set()
         self._credentials = credentials
         self._options = options
         self._generation = 0
@@ -75,9 +130,14 @@ class Channels:
     async def start(self) -> None:
         slots = [self.new_slot(i) for i in range(self.count)]
         await self.settle([slot.channel for slot in slots])
+        lanes = await self.lanes_for_new_slot()
         for slot in slots:
             self.slots.append(slot)
-            self.start_lanes(slot)
+            self.start_lanes(slot, lanes)
+
+    async def lanes_for_new_slot(self) -> int:
+        return lanes_per_slot(self.streams, await count_addresses(self.target),
+                              len(self.pool.workers.coverage()))
 
     def new_slot(self, position: int) -> Slot:
         self._generation += 1
@@ -96,8 +156,8 @@ class Channels:
         slot.lanes.append(lane)
         return lane
 
-    def start_lanes(self, slot: Slot) -> None:
-        for _ in range(self.streams):
+    def start_lanes(self, slot: Slot, count: int) -> None:
+        for _ in range(count):
             lane = self.add_lane(slot)
             slot.tasks.append(asyncio.create_task(self.pool.runner.run(lane), name=f"lane-{lane.index}"))
 
@@ -121,7 +181,7 @@ class Channels:
         tasks = [task for slot in self.slots for task in slot.tasks]
         if self.replacing is not None:
             tasks.append(self.replacing)
-        return tasks
+        return tasks + list(self.retiring)
 
     async def close(self) -> None:
         for slot in self.slots:
@@ -196,7 +256,7 @@ class Channels:
             if self.pool.closing:
                 await slot.channel.close()
                 return
-            self.start_lanes(slot)
+            self.start_lanes(slot, await self.lanes_for_new_slot())
             until = time.monotonic() + CONNECT_TIMEOUT_S
             while any(lane.worker is None for lane in slot.lanes) and time.monotonic() < until:
                 await asyncio.sleep(0.02)
@@ -204,7 +264,12 @@ class Channels:
                 self.slots.append(slot)
                 return
             self.slots[self.slots.index(old)] = slot
-            await self._retire(old)
+            # In the background: an old lane may have to stay for responses
+            # while coverage repair (which waits for this task) reaches its
+            # worker again.
+            retiring = asyncio.create_task(self._retire(old), name=f"retire-{old.generation}")
+            self.retiring.add(retiring)
+            retiring.add_done_callback(self.retiring.discard)
         except asyncio.CancelledError:
             for dropped in (slot, old):
                 if dropped is not None and dropped not in self.slots:
@@ -215,17 +280,28 @@ class Channels:
 
     async def _retire(self, slot: Slot) -> None:
         pool = self.pool
+        workers = pool.workers
         for lane in slot.lanes:
             lane.retired = True
-            pool.workers.stop_taking_work(lane)
+            workers.stop_taking_work(lane, spare=lane.call is not None)
             queued, lane.queue = lane.queue, []
             for pending in queued:
                 if not pending.done and pending.lane is lane:
                     pool.redispatch(pending)
-        deadline = time.monotonic() + pool.deadline_s
-        while any(lane.sent for lane in slot.lanes) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for task in slot.tasks:
-            task.cancel()
-        await asyncio.gather(*slot.tasks, return_exceptions=True)
-        await slot.channel.close()
+        now = time.monotonic()
+        answered_by, spare_until = now + pool.deadline_s, now + RESPONSE_GRACE_S
+        try:
+            while True:
+                now = time.monotonic()
+                owed = any(lane.sent or lane.queue for lane in slot.lanes) and now < answered_by
+                needed = any(workers.needs(lane) for lane in slot.lanes) and now < spare_until
+                if not owed and not needed:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            for lane in slot.lanes:
+                workers.forget(lane)
+            for task in slot.tasks:
+                task.cancel()
+            await asyncio.gather(*slot.tasks, return_exceptions=True)
+            await slot.channel.close()
