@@ -116,7 +116,7 @@ CHECK_REQUEST = MessageSchema("check-request", (
     Argument("body", "body", "req.body", required=True),
     Argument("ignore", "ignore", "var(txn.ignorerules)"), Argument("frontend", "frontend", "fe_name"),
     Argument("body_size", "body_size", "req.body_size"),
-    Argument("inspect_response", "inspect_response", "var(txn.waf_inspect_response)"),
+    Argument("inspect_response", "inspect_response", "var(txn.modsec.inspect_response)"),
 ))
 # The response of a request kept with inspect_response (http-response
 # send-spoe-group). handle may be NULL: the request was not kept (a miss,

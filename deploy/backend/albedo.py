@@ -5,7 +5,14 @@ stack, and the reflection server that CRS's response tests expect
     python deploy/backend/albedo.py --listen 127.0.0.1:8000
 
 Any path answers 200 with an empty body; /reflect, /configure_reflection,
-/reset, /capabilities and /inspect behave as albedo documents.
+/reset, /capabilities and /inspect behave as albedo documents. /leaks/...
+serves pages that leak what CRS's response rules look for (LEAK_PAGES),
+to show and test response inspection.
+
+Like albedo, a Go net/http server, a body sent without a Content-Type gets
+one sniffed from its first bytes (http.DetectContentType): libmodsecurity
+reads only the response bodies of the types SecResponseBodyMimeType lists,
+so without it phase 4 would skip every reflected body.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CAPABILITIES = [
@@ -29,6 +37,55 @@ CAPABILITIES = [
 ]
 
 log = logging.getLogger("albedo")
+
+# What CRS's RESPONSE-95x rules catch: a database error in a page (951230),
+# a web server's directory listing (950130), PHP source sent as text (953120).
+LEAK_PAGES = {
+    "/leaks/sql-error": b"<html><body><h1>Orders</h1><b>Warning</b>: You have an error in your SQL syntax; "
+                        b"check the manual that corresponds to your MySQL server version for the right syntax "
+                        b"to use near ''1'' at line 1</body></html>\n",
+    "/leaks/directory-listing": b"<html><head><title>Index of /backup</title></head><body><h1>Index of /backup"
+                                b"</h1><ul><li><a href=\"db.sql\">db.sql</a></li></ul></body></html>\n",
+    "/leaks/php-source": b"<?php\n$db = mysqli_connect('localhost', 'shop', 'hunter2');\n"
+                         b"$orders = $db->query('SELECT * FROM orders');\n?>\n",
+}
+CAPABILITIES += [
+    {"path": "/leaks/*", "methods": ["GET"], "description": "pages that leak an SQL error, a directory listing, "
+                                                            "PHP source"},
+    {"path": "/large/<bytes>", "methods": ["GET"], "description": "that many bytes of plain text (at most 16 MiB)"},
+    {"path": "/delay/<ms>", "methods": ["GET"], "description": "200 after that many ms (at most 30 s): a slow "
+                                                               "response, its request long answered"},
+]
+MAX_LARGE = 16 * 1024 * 1024
+MAX_DELAY_MS = 30_000
+
+# net/http/sniff.go, the part text bodies can reach: HTML signatures,
+# matched case-insensitively after leading whitespace and followed by a
+# space or '>'; XML; PDF; UTF-16/UTF-8 marks; binary bytes; else text.
+HTML_SIGNATURES = (b"<!DOCTYPE HTML", b"<HTML", b"<HEAD", b"<SCRIPT", b"<IFRAME", b"<H1", b"<DIV", b"<FONT",
+                   b"<TABLE", b"<A", b"<STYLE", b"<TITLE", b"<B", b"<BODY", b"<BR", b"<P", b"<!--")
+WHITESPACE = b"\t\n\x0c\r "
+BINARY = set(range(0x00, 0x09)) | {0x0B} | set(range(0x0E, 0x1B)) | set(range(0x1C, 0x20))
+
+
+def detect_content_type(body: bytes) -> str:
+    data = body[:512]
+    stripped = data.lstrip(WHITESPACE)
+    upper = stripped.upper()
+    for sig in HTML_SIGNATURES:
+        if upper.startswith(sig) and len(stripped) > len(sig) and stripped[len(sig)] in b" >":
+            return "text/html; charset=utf-8"
+    if stripped.startswith(b"<?xml"):
+        return "text/xml; charset=utf-8"
+    if data.startswith(b"%PDF-"):
+        return "application/pdf"
+    if data.startswith((b"\xfe\xff", b"\xff\xfe")):
+        return "text/plain; charset=utf-16"
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "text/plain; charset=utf-8"
+    if any(byte in BINARY for byte in data):
+        return "application/octet-stream"
+    return "text/plain; charset=utf-8"
 
 
 class Reflections:
@@ -100,8 +157,11 @@ class Handler(BaseHTTPRequestHandler):
         # client can find its own request in the WAF's audit log.
         if self.headers.get("X-Unique-ID"):
             self.send_header("X-Unique-ID", self.headers["X-Unique-ID"])
-        for name, value in (headers or {}).items():
+        headers = headers or {}
+        for name, value in headers.items():
             self.send_header(name, str(value))
+        if not content_type and body and not any(name.lower() == "content-type" for name in headers):
+            content_type = detect_content_type(body)  # as Go's net/http does
         if content_type:
             self.send_header("Content-Type", content_type)
         if not 100 <= status < 200 and status not in (204, 304):
@@ -154,6 +214,15 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/reset" and self.command == "PUT":
             REFLECTIONS.reset()
             self._send(200)
+        elif path in LEAK_PAGES and self.command in ("GET", "HEAD"):
+            self._send(200, LEAK_PAGES[path])
+        elif path.startswith("/large/") and path[7:].isdigit():
+            size = min(int(path[7:]), MAX_LARGE)
+            line = b"all work and no play makes a large response\n"
+            self._send(200, (line * (size // len(line) + 1))[:size])
+        elif path.startswith("/delay/") and path[7:].isdigit():
+            time.sleep(min(int(path[7:]), MAX_DELAY_MS) / 1000)
+            self._send(200, b"delayed\n")
         elif path == "/inspect":
             log.info("inspect %s %s headers=%d body=%d", self.command, self.path, len(self.headers), len(body))
             self._send(200)

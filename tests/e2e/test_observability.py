@@ -161,13 +161,18 @@ def test_counters_and_histograms_move_by_what_was_sent(obs):
     assert delta(gw0, gw, "modsec_gateway_request_duration_seconds_count") == benign + attacks
     assert delta(gw0, gw, "modsec_gateway_request_duration_seconds_bucket", le="+Inf") == benign + attacks
     assert delta(gw0, gw, "modsec_gateway_request_duration_seconds_sum") > 0
-    assert delta(gw0, gw, "modsec_gateway_spop_frames_total", type="notify") == benign + attacks
-    assert delta(gw0, gw, "modsec_gateway_pool_submitted_total") == benign + attacks
+    # Frontend web inspects responses: each request that passed sends its
+    # response too (a blocked one has none).
+    assert delta(gw0, gw, "modsec_gateway_spop_frames_total", type="notify") == 2 * benign + attacks
+    assert delta(gw0, gw, "modsec_gateway_pool_submitted_total") == 2 * benign + attacks
+    assert delta(gw0, gw, "modsec_gateway_response_evaluations_total", verdict="pass", app="default") == benign
+    assert delta(gw0, gw, "modsec_gateway_pool_responses_total") == benign
     assert gw.total("modsec_gateway_spop_connections_open") >= 1
     assert gw.total("modsec_gateway_pool_workers") >= 1
     assert delta(waf0, waf, "modsec_waf_evaluations_total", app="default", verdict="pass") == benign
     assert delta(waf0, waf, "modsec_waf_evaluations_total", app="default", verdict="block") == attacks
     assert delta(waf0, waf, "modsec_waf_rule_matches_total", rule_id="942100", outcome="blocked") == attacks
+    assert delta(waf0, waf, "modsec_waf_response_evaluations_total", app="default", verdict="pass") == benign
     assert delta(waf0, waf, "modsec_waf_engine_duration_seconds_count", app="default") == benign + attacks
     engine_s = delta(waf0, waf, "modsec_waf_engine_duration_seconds_sum", app="default")
     gateway_s = delta(gw0, gw, "modsec_gateway_request_duration_seconds_sum")

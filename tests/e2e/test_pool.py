@@ -86,7 +86,9 @@ def test_three_replicas_share_the_load_and_every_worker_is_reached(stacks, tmp_p
         stack.kill_wafsvc(index, signal.SIGTERM)
     served = [_served(stack, index) for index in range(3)]
     total = sum(sum(workers.values()) for workers in served)
-    assert 3000 <= total < 3300  # the load, readiness probes, any re-sent ones
+    # The load and its responses (frontend web inspects responses, each on
+    # the worker that judged its request), readiness probes, any re-sent ones.
+    assert 6000 <= total < 6600
     shares = [sum(workers.values()) / total for workers in served]
     print("replica shares:", [round(s, 3) for s in shares], "per worker:", served)
     assert all(0.25 <= share <= 0.42 for share in shares), shares
@@ -212,7 +214,11 @@ def test_sigterm_of_the_gateway_answers_what_it_took_then_disconnects(stacks, tm
     stack = _stack(tmp_path, haproxy_bin, replicas=1, workers=2)
     stacks.append(stack)
     gateway = stack.proc("gateway")
-    with Load(stack.spec.frontend_port, clients=6) as load:
+    # The frontend without response inspection: a response message HAProxy
+    # sends while the gateway leaves is lost with the connection, and HAProxy
+    # 2.6 leaves it waiting until its client timeout (README, "Response
+    # inspection through HAProxy"); test_response_misses.py covers that.
+    with Load(stack.spec.frontend_alt_port, clients=6) as load:
         time.sleep(1.5)
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(10) == 0

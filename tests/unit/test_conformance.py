@@ -118,6 +118,13 @@ def test_shipped_overrides_file_loads():
 def test_albedo_sniffs_content_types_like_go(body, content_type):
     from conformance.albedo import detect_content_type
     assert detect_content_type(body) == content_type
+    # The demo backend (a standalone script in its image) sniffs the same way.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_albedo", pathlib.Path(__file__).parents[2] / "deploy"
+                                                  / "backend" / "albedo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.detect_content_type(body) == content_type
 
 
 def test_albedo_reflects_the_spec_and_refuses_bad_ones():
