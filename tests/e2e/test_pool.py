@@ -235,3 +235,34 @@ def test_sigterm_of_the_gateway_answers_what_it_took_then_disconnects(stacks, tm
     assert closing and closing[0]["unanswered"] == 0 and closing[0]["answered"] >= len(verdicts)
     assert not [e for e in events if e.get("msg") == "no verdict; failure policy applied"]
     assert "gateway stopped" in {e.get("msg") for e in events}
+
+
+def test_each_new_channel_reaches_every_replica_whatever_their_number(stacks, tmp_path, haproxy_bin):
+    # Five replicas, one channel of two streams: round_robin gives a new
+    # channel's streams to consecutive replicas, so two streams reached two
+    # replicas and a restarted one waited for luck. The gateway opens a
+    # stream per address, so every rotation reaches all five.
+    stack = _stack(tmp_path, haproxy_bin, replicas=5, workers=1,
+                   gateway_env={"GATEWAY_CHANNELS": "1", "GATEWAY_STREAMS": "2", "GATEWAY_RECYCLE_MS": "500"})
+    stacks.append(stack)
+
+    def reached() -> set[str]:
+        """Workers the gateway has a stream to now, from its log."""
+        live: set[str] = set()
+        for event in _log_events(stack, "gateway"):
+            if event.get("msg") == "wafsvc worker available":
+                live.add(event["worker"])
+            elif event.get("msg") == "wafsvc worker has no lanes":
+                live.discard(event["worker"])
+        return live
+
+    wait_for(lambda: len(reached()) == 5, 15, "all 5 replicas reached at once")
+    before = reached()
+    stack.kill_wafsvc(4, signal.SIGKILL)
+    wait_for(lambda: len(reached()) == 4, 15, "the killed replica's worker to go")
+    stack.restart_wafsvc(4)
+    # A new name (new supervisor pid): only a new channel can reach it.
+    wait_for(lambda: len(reached()) == 5 and reached() - before, 20, "the restarted replica reached")
+    with Load(stack.spec.frontend_port, clients=4, total=400) as load:
+        load.wait()
+    _assert_all_verdicts(load)
