@@ -22,7 +22,8 @@ OPTIONS = (
            choices=("closed", "open")),
     Option("response_miss_policy", "GATEWAY_RESPONSE_MISS_POLICY", "pass",
            "a response whose held transaction is gone (expired, evicted, its worker died...): "
-           "pass = let it through, flagged (txn.modsec.res_miss) and counted; block = deny it (503)",
+           "pass = let it through, flagged (txn.modsec.res_miss) and counted; block = deny it (503). "
+           "An application with its own response_miss_policy in wafsvc's applications file follows that",
            choices=("pass", "block")),
     Option("hedge_ms", "GATEWAY_HEDGE_MS", 150,
            "re-send an evaluation a worker has not answered within this time to another "

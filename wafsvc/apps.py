@@ -49,10 +49,12 @@ class Application:
     # A response body cut short: pass (flagged) or block.
     truncated_response_body: str = PASS
     # Response inspection: kept transactions (inspect_response), how long
-    # they wait, and what a caller should do when one is gone.
+    # they wait, and what a caller should do when one is gone: pass
+    # (flagged) or block; "" leaves it to the caller's own setting (the
+    # gateway's GATEWAY_RESPONSE_MISS_POLICY), as failure_policy does.
     response_inspection: bool = True
     transaction_ttl_ms: int = 0          # 0: the worker's own (WAF_TRANSACTION_TTL_MS)
-    response_miss_policy: str = PASS
+    response_miss_policy: str = ""
     # Ignored-rule lists whose rule sets are built at load, before fork.
     ignore_lists: tuple[tuple[int, ...], ...] = ()
     # Where it was declared ("apps.yaml:12"), for messages.
@@ -110,7 +112,7 @@ def check(app: Application, where: str) -> None:
     for label, value, allowed in (("failure_policy", app.failure_policy, ("", *FAILURE_POLICIES)),
                                   ("truncated_body", app.truncated_body, TRUNCATED_POLICIES),
                                   ("truncated_response_body", app.truncated_response_body, TRUNCATED_POLICIES),
-                                  ("response_miss_policy", app.response_miss_policy, MISS_POLICIES)):
+                                  ("response_miss_policy", app.response_miss_policy, ("", *MISS_POLICIES))):
         if value not in allowed:
             raise ConfigError(f"{where}: {label} must be {' or '.join(a for a in allowed if a)}, got {value!r}")
     if app.min_inspected < 0:
