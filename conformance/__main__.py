@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haproxy-bin", default=os.environ.get("HAPROXY_BIN") or shutil.which("haproxy") or "haproxy")
     p.add_argument("--filter", default="", help="only test files whose path contains this")
     p.add_argument("--min-pass-rate", type=float, default=98.5)
+    p.add_argument("--min-response-pass-rate", type=float, default=95.0,
+                   help="of the tests that need the response phases, through the stack")
     p.add_argument("--max-gap", type=float, default=0.5, help="largest allowed drop, stack vs engine, in points")
     p.add_argument("--run-dir", default=str(ROOT / "run" / "conformance"))
     args = p.parse_args(argv)
@@ -172,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if "envoy" in modes:
         results["envoy"], info["envoy"] = run_envoy(run_dir, environ, tests, response_ids, args)
 
+    response_keys = frozenset(t.key for t in tests if runner.needs_response_phase(t, response_ids))
     summary = write_report(pathlib.Path(args.report), pathlib.Path(args.summary), tests, results, info,
-                           overrides, environ, tests_dir)
+                           overrides, environ, tests_dir, response_keys)
     for line in summary["lines"]:
         print(line)
     ok = True
@@ -184,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         # tests judged as written) against the engine's, like with like.
         stack_counts = runner.counts(results["stack"])
         ok = stack_counts["pass_rate"] >= args.min_pass_rate
+        responses = runner.counts({k: r for k, r in results["stack"].items() if k in response_keys})
+        if responses["passed"] + responses["failed"] and responses["pass_rate"] < args.min_response_pass_rate:
+            print(f"stack passes {responses['pass_rate']}% of the response-phase tests "
+                  f"(required {args.min_response_pass_rate})")
+            ok = False
         if "engine" in results:
             gap = runner.counts(results["engine"])["pass_rate"] - runner.raw_counts(results["stack"])["pass_rate"]
             if gap > args.max_gap:

@@ -1,10 +1,11 @@
 """The ways a test's requests are evaluated.
 
 - StackMode: raw bytes to HAProxy over a socket; the matched rule ids come
-  back in that request's own response (X-Waf-Rules, set by the shipped
-  haproxy.cfg when WAF_DEBUG_HEADERS is defined). Response-phase tests are
-  skipped until the stack inspects responses (`inspects_responses=True`,
-  with the response verdict's ids in the response, then judges them too).
+  back in that request's own response (X-Waf-Rules, and X-Waf-Response-Rules
+  for its response's phases 3-4, set by the shipped haproxy.cfg when
+  WAF_DEBUG_HEADERS is defined). Frontend web inspects responses, so
+  response-phase tests are judged too; `inspects_responses=False` skips them
+  for a frontend that does not.
 - EngineMode: the same bytes split the way a server would, straight into
   wafsvc.engine.Engine in this process, built from the same settings. Every
   request is kept for its response (inspect_response), and the response
@@ -34,7 +35,7 @@ class StackMode:
     id_header = "X-Unique-ID"       # the audit log's transaction.unique_id
 
     def __init__(self, host: str, port: int, timeout: float = 120.0, audit_log: AuditLog | None = None,
-                 inspects_responses: bool = False) -> None:
+                 inspects_responses: bool = True) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self.audit_log = audit_log
         self.inspects_responses = inspects_responses
@@ -46,7 +47,8 @@ class StackMode:
                 resp = rawhttp.send(self.host, self.port, raw, self.timeout)
             except rawhttp.NoResponse as exc:
                 return Observation(error=str(exc))
-            if resp.header("X-Waf-Failed") == "1" and attempt < RETRIES:
+            failed = resp.header("X-Waf-Failed") == "1" or resp.header("X-Waf-Response-Failed") == "1"
+            if failed and attempt < RETRIES:
                 # No verdict (deadline under load): not an answer about the
                 # rules, so ask again rather than judge it.
                 self.retried += 1
@@ -54,14 +56,19 @@ class StackMode:
                 continue
             break
         rules = resp.header("X-Waf-Rules")
+        response_rules = resp.header("X-Waf-Response-Rules") if self.inspects_responses else None
         seen = Observation(status=resp.status,
-                           matched_ids=[int(x) for x in (rules or "").split() if x.isdigit()])
+                           matched_ids=[int(x) for x in f"{rules or ''} {response_rules or ''}".split()
+                                        if x.isdigit()])
         if rules is None:
             seen.reached_waf = False
             seen.note = f"{self.proxy} answered {resp.status} without a WAF verdict (request never reached the WAF)"
         elif resp.header("X-Waf-Failed") == "1":
             seen.note = (f"the stack gave no verdict after {RETRIES} retries: "
                          f"{resp.header('X-Waf-Error') or 'X-Waf-Failed'}")
+        elif resp.header("X-Waf-Response-Failed") == "1":
+            seen.note = (f"the stack gave the response no verdict after {RETRIES} retries: "
+                         f"{resp.header('X-Waf-Response-Error') or 'X-Waf-Response-Failed'}")
         if needs_log and self.audit_log is not None and rules is not None:
             unique_id = resp.header(self.id_header)
             if unique_id:

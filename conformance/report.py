@@ -22,7 +22,9 @@ def _rel(path) -> str:
 
 
 def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, results, info, overrides,
-                 environ, tests_dir) -> dict:
+                 environ, tests_dir, response_keys: frozenset = frozenset()) -> dict:
+    """response_keys: the tests that need the response phases (RESPONSE-*
+    files and response rule ids), counted apart too."""
     modes = list(results)
     # Like with like: the stack's result against the test as written
     # (overrides aside) versus the engine's. Tests judged in one mode only
@@ -46,6 +48,9 @@ def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, r
     mode_summary = {}
     for m in modes:
         mode_summary[m] = {"counts": runner.counts(results[m]), **info.get(m, {})}
+        if response_keys:
+            mode_summary[m]["response_counts"] = runner.counts(
+                {k: r for k, r in results[m].items() if k in response_keys})
         if m == "stack":
             mode_summary[m]["counts_without_overrides"] = runner.raw_counts(results[m])
             mode_summary[m]["overrides_used"] = sum(1 for r in results[m].values() if r.override)
@@ -63,8 +68,9 @@ def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, r
         "setup": {k: (_rel(v) if k in ("CRS_DIR", "CRS_SETUP") else v) for k, v in environ.items()},
         "how_counted": ("passed/failed/skipped per test (all stages). pass_rate = passed / (passed + failed). "
                         "Stack overrides count as skipped; counts_without_overrides judges them against "
-                        "the tests' own expectations. Skipped: response-phase tests in a mode that does not "
-                        "inspect responses (the stack, for now), and checks a mode cannot "
+                        "the tests' own expectations; response_counts are the tests that need the response "
+                        "phases. Skipped: response-phase tests in a mode that does not inspect responses, "
+                        "and checks a mode cannot "
                         "observe (engine: HTTP status and connection errors; stack: 'no rule matched' on a "
                         "request HAProxy answered itself, log text without a unique-id)."),
         "modes": mode_summary,
@@ -85,6 +91,11 @@ def write_report(report_path: pathlib.Path, summary_path: pathlib.Path, tests, r
         c = mode_summary[m]["counts"]
         lines.append(f"{m:6}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped "
                      f"({c['pass_rate']}% of judged)")
+    for m in modes:
+        c = mode_summary[m].get("response_counts")
+        if c:
+            lines.append(f"{m:6} response-phase tests: {c['passed']} passed, {c['failed']} failed, "
+                         f"{c['skipped']} skipped ({c['pass_rate']}% of judged)")
     if "stack" in results:
         c = mode_summary["stack"]["counts_without_overrides"]
         lines.append(f"stack without overrides: {c['passed']} passed, {c['failed']} failed, "
