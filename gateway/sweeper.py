@@ -101,7 +101,7 @@ class Sweeper:
         worker.stalled = True
         log.warning("wafsvc worker is not answering; sending its requests elsewhere",
                     extra={"worker": worker.name, "after_ms": round(self.hedge_s * 1000)})
-        for lane in list(worker.lanes):
+        for lane in worker.lanes + worker.spares:
             sent, queued = list(lane.sent.values()), lane.queue
             lane.sent.clear()
             lane.queue = []
