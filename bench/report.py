@@ -102,6 +102,8 @@ def summarise(results: dict) -> dict:
         s["gateway_evaluations_per_cpu_s_isolated"] = isolated["evaluations_per_gateway_cpu_s"]
         s["gateway_evaluations_per_cpu_s_isolated_half_load"] = (
             isolated["evaluations_per_gateway_cpu_s_at_load"]["50%"])
+    from bench.response_setups import summarise as responses_summary  # issue 13's figures
+    s.update(responses_summary(t, _cpu))
     summary = {key: round(float(value), 4) for key, value in s.items()}
     summary["targets_met"] = {key: (summary[key] <= bound if op == "<=" else summary[key] >= bound)
                               for key, (op, bound) in TARGETS.items() if key in summary}

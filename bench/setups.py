@@ -84,10 +84,12 @@ class HaproxyStack:
     when `rules` is given."""
 
     def __init__(self, run_dir: pathlib.Path, haproxy_bin: str, rules: str = "", crs_dir: str = "",
-                 replicas: int = 1, workers: int = 2, gateway_env: dict | None = None) -> None:
+                 replicas: int = 1, workers: int = 2, gateway_env: dict | None = None,
+                 haproxy_cfg: pathlib.Path = CONF / "haproxy.cfg", haproxy_env: dict | None = None,
+                 name: str = "spoa") -> None:
         self.rules = rules
         index = write_www(run_dir)
-        haproxy_env = {"INDEX_FILE": str(index)}
+        haproxy_env = {"INDEX_FILE": str(index), **(haproxy_env or {})}
         if rules:
             haproxy_env["BENCH_WAF"] = "1"
         self.metrics_port = free_port() if rules else 0
@@ -96,8 +98,8 @@ class HaproxyStack:
                          wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning"} if rules else {},
                          gateway_env={"LOG_LEVEL": "info", **(gateway_env or {})},
                          haproxy_env=haproxy_env, haproxy_bin=haproxy_bin,
-                         haproxy_cfg=CONF / "haproxy.cfg", spoe_conf=SPOE_CONF,
-                         log_dir=run_dir / (f"spoa-{rules}" if rules else "haproxy"))
+                         haproxy_cfg=haproxy_cfg, spoe_conf=SPOE_CONF,
+                         log_dir=run_dir / (f"{name}-{rules}" if rules else "haproxy"))
         self.stack = Stack(spec)
         try:
             if rules:
@@ -223,11 +225,13 @@ class Nginx(Setup):
         self.log.close()
 
 
-# The harness runs these, in this order. Response inspection (issue 13) adds
-# its class here; Envoy's (issue 16) live in bench/envoy_setups.py.
+# The harness runs these, in this order. Envoy's (issue 16) live in
+# bench/envoy_setups.py, response inspection's (issue 13) in
+# bench/response_setups.py.
 from bench.envoy_setups import EnvoyAuthz, EnvoyExtProc  # noqa: E402  (they build on Setup above)
+from bench.response_setups import SpoaProxied, SpoaResponses  # noqa: E402
 
-SETUPS: tuple[type[Setup], ...] = (HaproxyAlone, Spoa, Nginx, EnvoyAuthz, EnvoyExtProc)
+SETUPS: tuple[type[Setup], ...] = (HaproxyAlone, Spoa, Nginx, EnvoyAuthz, EnvoyExtProc, SpoaProxied, SpoaResponses)
 
 
 def batch_counters(metrics_port: int) -> tuple[float, float]:

@@ -54,7 +54,12 @@ def test_bench_smoke_writes_results(tmp_path):
     # An open-loop curve per setup and rule set, at every fraction of its peak.
     assert set(results["latency_curves"]) == {"haproxy/none", "spoa/crs", "spoa/trivial", "nginx/crs", "nginx/trivial",
                                               "envoy_authz/crs", "envoy_authz/trivial", "envoy_extproc/crs",
-                                              "envoy_extproc/trivial"}
+                                              "envoy_extproc/trivial", "spoa_proxied/crs", "spoa_proxied/trivial",
+                                              "spoa_responses/crs", "spoa_responses/trivial"}
+    # Response inspection (bench/response_setups.py): its cost beside the
+    # same topology inspecting requests only, and beside nginx.
+    for key in ("response_inspection_added_cpu_us_crs", "response_inspection_cpu_ratio_vs_nginx_crs"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     for curve in results["latency_curves"].values():
         assert list(curve["points"]) == ["10%", "25%", "50%", "75%", "90%"]
         for point in curve["points"].values():
