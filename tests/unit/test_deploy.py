@@ -24,6 +24,7 @@ from common.options import host_port
 from gateway.config import OPTIONS as GATEWAY_OPTIONS
 from stack import processes
 from wafapi import waf_pb2
+from gateway import healthcheck as gateway_healthcheck
 from wafsvc import healthcheck
 from wafsvc.config import OPTIONS as WAFSVC_OPTIONS
 from wafsvc.config import WafConfig
@@ -202,11 +203,18 @@ def haproxy_binaries() -> list:
     return [pytest.param(str(b), id=pathlib.Path(b).parent.name) for b in found if b and pathlib.Path(b).exists()]
 
 
-def deployed_haproxy_env(which: str) -> dict[str, str]:
+def deployed_env(which: str, service: str) -> dict[str, str]:
+    """The environment Compose or Kubernetes gives haproxy, gateway or wafsvc."""
     if which == "compose":
-        return env_of(yaml.safe_load(COMPOSE.read_text())["services"]["haproxy"])
-    deployment = next(doc for doc in load_all(DEPLOY / "k8s" / "haproxy.yaml") if doc["kind"] == "Deployment")
-    return env(container(deployment, "haproxy"))
+        return env_of(yaml.safe_load(COMPOSE.read_text())["services"][service])
+    pods = {"haproxy": ("haproxy", "haproxy"), "gateway": ("haproxy", "gateway"), "wafsvc": ("wafsvc", "wafsvc")}
+    deployment, name = pods[service]
+    docs = load_all(DEPLOY / "k8s" / f"{deployment}.yaml")
+    return env(container(next(d for d in docs if d["kind"] == "Deployment"), name))
+
+
+def deployed_haproxy_env(which: str) -> dict[str, str]:
+    return deployed_env(which, "haproxy")
 
 
 @pytest.mark.parametrize("which", ["compose", "kubernetes"])
@@ -498,6 +506,34 @@ def test_healthcheck_rejects_a_bad_listen_address(monkeypatch, capsys):
     assert "WAF_LISTEN" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("listen,target", [
+    ("0.0.0.0:12345", ("127.0.0.1", 12345)),
+    (":12345", ("127.0.0.1", 12345)),
+    ("[::]:12345", ("::1", 12345)),
+    ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+])
+def test_gateway_healthcheck_dials_the_listen_address_through_loopback(listen, target):
+    assert gateway_healthcheck.target_for(listen) == target
+
+
+def test_gateway_healthcheck_rejects_a_bad_listen_address(monkeypatch, capsys):
+    monkeypatch.setenv("GATEWAY_LISTEN", "nowhere")
+    assert gateway_healthcheck.main([]) == 2
+    assert "GATEWAY_LISTEN" in capsys.readouterr().err
+
+
+def test_the_gateway_is_probed_with_spop_hello_everywhere(compose, objects):
+    """The image, Compose and the Kubernetes sidecar all ask the gateway
+    itself (python -m gateway.healthcheck), not just its socket."""
+    probe = ["python", "-m", "gateway.healthcheck"]
+    assert compose["services"]["gateway"]["healthcheck"]["test"] == ["CMD", *probe]
+    gateway_stage = stages(DOCKERFILE)["gateway"]
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD " + re.escape(str(probe).replace("'", '"')), gateway_stage, re.M)
+    sidecar = container(objects[("Deployment", "haproxy")], "gateway")
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[name]["exec"]["command"] == probe, name
+
+
 # -------------------------------------------------------------- Kubernetes --
 
 @pytest.fixture(scope="module")
@@ -647,6 +683,74 @@ def test_kubernetes_env_names_exist_in_the_option_tables_and_haproxy_cfg(objects
             unknown = set(env(c)) - known[c["name"]]
             assert not unknown, f"container {c['name']} sets variables nothing reads: {unknown}"
     assert stack_haproxy_env_names() <= set(env(container(objects[("Deployment", "haproxy")], "haproxy")))
+
+
+# Where Kubernetes differs from Compose on purpose: the gateway is HAProxy's
+# sidecar (loopback), a pod runs 2 workers (its CPU limit), the rules
+# ConfigMap is a directory mount, HAProxy does not re-resolve Service names.
+KUBERNETES_DIFFERS = {"GATEWAY_ADDR", "GATEWAY_LISTEN", "WAF_WORKERS", "RULES", "RESOLVE_SERVERS"}
+
+
+@pytest.mark.parametrize("service", ["haproxy", "gateway", "wafsvc"])
+def test_kubernetes_carries_what_compose_sets(service):
+    """Same settings in both (a Compose ${VAR:-default} counts as its
+    default), except where they differ by design."""
+    composed = {name: re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", value)
+                for name, value in deployed_env("compose", service).items()}
+    kubernetes = deployed_env("kubernetes", service)
+    differ = {name for name in set(composed) | set(kubernetes) if composed.get(name) != kubernetes.get(name)}
+    assert differ <= KUBERNETES_DIFFERS, {n: (composed.get(n), kubernetes.get(n)) for n in differ - KUBERNETES_DIFFERS}
+
+
+def test_every_kubernetes_container_is_probed_for_readiness_and_liveness(objects):
+    """The counterpart of Compose's restart policies: a container that stops
+    answering is restarted, and gets no traffic while it is not ready."""
+    for deployment in of_kind(objects, "Deployment").values():
+        for c in pod_containers(deployment):
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in c, f"{c['name']} has no {probe}"
+
+
+def option_value(options, env_name: str, deployed: dict[str, str]) -> str:
+    default = next(opt.default for opt in options if opt.env == env_name)
+    return deployed.get(env_name, str(default))
+
+
+@pytest.mark.parametrize("which", ["compose", "kubernetes"])
+def test_held_transactions_outlive_haproxys_wait_for_the_response(which):
+    """Response inspection (frontend web): a transaction kept by its request
+    must still be held when the slowest response HAProxy waits for (timeout
+    server) comes back, or it misses (EXPIRED)."""
+    ttl_ms = int(option_value(WAFSVC_OPTIONS, "WAF_TRANSACTION_TTL_MS", deployed_env(which, "wafsvc")))
+    assert "inspect_response) bool(true)" in HAPROXY_CFG.read_text(), "the shipped cfg inspects responses"
+    assert ttl_ms > haproxy_timeout_s("server") * 1000
+
+
+@pytest.mark.parametrize("which", ["compose", "kubernetes"])
+def test_gateway_knows_haproxys_buffer_size(which):
+    """A body without Content-Length that fills tune.bufsize is judged cut
+    only when the gateway knows that size (GATEWAY_HAPROXY_BUFSIZE)."""
+    bufsize = int(re.search(r"^\s*tune\.bufsize\s+(\d+)$", HAPROXY_CFG.read_text(), re.M).group(1))
+    assert int(option_value(GATEWAY_OPTIONS, "GATEWAY_HAPROXY_BUFSIZE", deployed_env(which, "gateway"))) == bufsize
+
+
+def test_wafsvc_memory_limit_holds_its_transactions_at_their_cap(objects):
+    """Each worker may hold WAF_MAX_HELD_TRANSACTIONS for their responses;
+    their measured size (docs/measurements/held_memory.json) at that cap,
+    on top of every process's own memory, must fit the limit."""
+    import json
+    measured = json.loads((ROOT / "docs" / "measurements" / "held_memory.json").read_text())
+    per_transaction = max(m["bytes_per_transaction"] for m in measured["per_transaction"].values())
+    process_mib = max(m["rss_start_mib"] for m in measured["per_transaction"].values())
+    wafsvc = container(objects[("Deployment", "wafsvc")], "wafsvc")
+    workers = int(env(wafsvc)["WAF_WORKERS"])
+    held = int(option_value(WAFSVC_OPTIONS, "WAF_MAX_HELD_TRANSACTIONS", env(wafsvc)))
+    limit = wafsvc["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") or limit.endswith("Mi"), limit
+    limit_bytes = int(limit[:-2]) * (2**30 if limit.endswith("Gi") else 2**20)
+    # The workers, the supervisor and its metrics process.
+    needed = workers * held * per_transaction + (workers + 2) * process_mib * 2**20
+    assert needed < limit_bytes, f"{needed / 2**20:.0f} MiB needed, limit {limit}"
 
 
 def prestop_seconds(c: dict) -> int:
