@@ -46,6 +46,8 @@ panel("Blocks by frontend and host", [(f'sum by (frontend, host) (rate(modsec_ga
 panel("Top rules in blocked requests", [(f'topk(10, sum by (rule_id) (rate(modsec_gateway_rule_matches_total{{outcome="blocked"}}[{R}])))', "{{rule_id}}")], "reqps", w=12)
 panel("Top rules matched without a block", [(f'topk(10, sum by (rule_id) (rate(modsec_gateway_rule_matches_total{{outcome="passed"}}[{R}])))', "{{rule_id}}")], "reqps", w=12,
       desc="in MODE=detect these are the rules that would have blocked")
+panel("Evaluations by application (gateway)", [(f'sum by (app, verdict) (rate(modsec_gateway_evaluations_total[{R}]))', "{{app}} {{verdict}}")], "reqps", w=12,
+      desc="app: the application (WAF_CONFIG) that judged the request, as HAProxy's txn.modsec.app named it")
 panel("Evaluations by rule set (wafsvc)", [(f'sum by (app, verdict) (rate(modsec_waf_evaluations_total[{R}]))', "{{app}} {{verdict}}")], "reqps", w=12)
 panel("Blocks by rule set and rule (wafsvc)", [(f'topk(10, sum by (app, rule_id) (rate(modsec_waf_rule_matches_total{{outcome="blocked"}}[{R}])))', "{{app}} {{rule_id}}")], "reqps", w=12)
 
@@ -61,9 +63,33 @@ panel("Failure policy applied, by reason", [(f'sum by (reason) (rate(modsec_gate
 panel("Invalid requests, by reason", [(f'sum by (reason) (rate(modsec_gateway_invalid_requests_total[{R}]))', "gateway {{reason}}"),
                                       (f'sum by (reason) (rate(modsec_waf_invalid_requests_total[{R}]))', "wafsvc {{reason}}")], "reqps",
       desc="spop_frame, message: malformed SPOP; body_truncated: HAProxy cut the body (tune.bufsize); engine_error and error codes: wafsvc refused or failed")
+panel("Truncated bodies", [(f'sum(rate(modsec_gateway_invalid_requests_total{{reason="body_truncated"}}[{R}]))', "requests, gateway"),
+                           (f'sum by (app, reason) (rate(modsec_waf_invalid_requests_total{{reason=~"body_truncated|response_body_truncated"}}[{R}]))', "{{app}} {{reason}}, wafsvc")], "reqps",
+      desc="bodies longer than HAProxy's tune.bufsize arrive cut: what arrived is inspected, then the truncated-body policy passes them flagged (99010/99011) or denies them")
+panel("SPOE messages refused (SPOE file mismatch)", [(f'sum by (message, problem, argument) (increase(modsec_gateway_invalid_messages_total[{R}]))', "{{message}} {{problem}} {{argument}}")], "short",
+      desc="the SPOE file sends what the gateway does not expect (unknown message, missing or null argument, wrong type): each is answered by the failure policy. Anything here is a configuration mistake")
 panel("SPOP protocol errors, by status", [(f'sum by (status) (rate(modsec_gateway_spop_protocol_errors_total[{R}]))', "{{status}}")], "reqps")
 panel("gRPC errors, by code", [(f'sum by (code) (rate(modsec_gateway_grpc_errors_total[{R}]))', "{{code}}")], "reqps")
 panel("Retries, by wafsvc worker", [(f'sum by (worker) (rate(modsec_gateway_grpc_retries_total[{R}]))', "{{worker}}")], "reqps")
+
+newrow("Response inspection")
+panel("Responses by verdict", [(f'sum by (verdict) (rate(modsec_gateway_response_evaluations_total[{R}]))', "{{verdict}}")], "reqps",
+      desc="responses of requests kept for inspection (check-response); miss: the held transaction was gone, the miss policy answered")
+panel("Responses by application (wafsvc)", [(f'sum by (app, verdict) (rate(modsec_waf_response_evaluations_total[{R}]))', "{{app}} {{verdict}}")], "reqps")
+panel("Response misses, by reason", [(f'sum by (reason, policy) (rate(modsec_gateway_response_misses_total[{R}]))', "gateway {{reason}} ({{policy}})"),
+                                     (f'sum by (reason) (rate(modsec_waf_response_misses_total[{R}]))', "wafsvc {{reason}}")], "reqps",
+      desc="no_route: the worker holding the transaction has no stream (died, drains); worker_hung; expired/evicted/reloaded/unknown: wafsvc no longer had it")
+panel("Held transactions (waiting for their response)", [("sum(modsec_waf_held_transactions)", "held")], "short",
+      desc="per worker at most WAF_MAX_HELD_TRANSACTIONS (about 60 KB each with CRS)")
+panel("Held transactions ended without a response, by reason", [(f'sum by (reason) (rate(modsec_waf_held_transaction_evictions_total[{R}]))', "{{reason}}")], "ops",
+      desc="expired: past WAF_TRANSACTION_TTL_MS; evicted: past WAF_MAX_HELD_TRANSACTIONS; reloaded; shutdown")
+panel("Responses without a verdict", [(f'sum by (reason) (rate(modsec_gateway_response_failures_total[{R}]))', "failure policy: {{reason}}"),
+                                      (f'sum(rate(modsec_gateway_pool_responses_unreachable_total[{R}]))', "holding worker unreachable")], "reqps")
+
+newrow("Envoy (ext_authz, ext_proc)")
+panel("Envoy calls, by API and result", [(f'sum by (api, result) (rate(modsec_waf_envoy_calls_total[{R}]))', "{{api}} {{result}}")], "reqps", w=12,
+      desc="one per HTTP request Envoy sends; abandoned: Envoy ended the ext_proc stream before a verdict")
+panel("Envoy calls denied or failed", [(f'sum by (api) (rate(modsec_waf_envoy_calls_total{{result=~"denied|error"}}[{R}])) / sum by (api) (rate(modsec_waf_envoy_calls_total[{R}]))', "{{api}}")], "percentunit", w=12)
 
 newrow("Pool health")
 panel("wafsvc workers", [("sum(modsec_gateway_pool_workers)", "reached by the gateway"), ("sum(modsec_waf_workers)", "alive (wafsvc)")], "short")
