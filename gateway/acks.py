@@ -7,6 +7,12 @@ cached per (intervention, status, action); only rule ids, message and
 redirect are encoded per request. The result equals
 encode_actions(mapping.verdict_actions(verdict)) byte for byte
 (tests/unit/test_notify.py).
+
+body_truncated (res_body_truncated) costs a whole body nothing: wafsvc
+flags every cut body with a match (rule 99010 or 99011,
+wafsvc.phases.flag_truncated), so a verdict without matches was not cut and
+its ACK is not even asked. With no verdict (failure or miss policy), the
+gateway's own detection (RequestContext.body_truncated) sets it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ class AckEncoder:
         self._response_decisions: dict[tuple, bytes] = {}
         self._response_failures: dict[tuple[str, bool], tuple[bytes, bytes]] = {}
         self._misses: dict[tuple, bytes] = {}
+        # (truncated, session) -> the encoded flag; b"" for a whole body outside the original agent's message
+        self._truncation = {(cut, session): encode_actions(mapping.truncation_actions(cut, session))
+                            for cut in (False, True) for session in (False, True)}
+        self._res_truncation = encode_actions(responses.truncation_actions(True))
 
     def decision(self, verdict: waf_pb2.Verdict) -> bytes:
         """The first DECISION_VARS actions: all an ACK too big for the frame keeps."""
@@ -39,21 +49,25 @@ class AckEncoder:
                                                         action=verdict.action)))
         return head
 
-    def short(self, verdict: waf_pb2.Verdict) -> bytes:
-        """The decision, and the handle when the transaction was kept: what
-        an ACK too big for the frame keeps."""
+    def short(self, verdict: waf_pb2.Verdict, session: bool = False) -> bytes:
+        """The decision, the handle when the transaction was kept and the
+        truncation flag: what an ACK too big for the frame keeps."""
         head = self.decision(verdict)
         if verdict.transaction_handle:
             head += encode_actions((SetVar(Scope.TRANSACTION, mapping.VAR_HANDLE, verdict.transaction_handle),))
-        return head
+        return head + self._truncation[verdict.body_truncated, session]
 
-    def verdict(self, verdict: waf_pb2.Verdict) -> bytes:
+    def verdict(self, verdict: waf_pb2.Verdict, session: bool = False) -> bytes:
+        """`session`: the answer to the original agent's message, which
+        also carries sess.modsec.body_truncated."""
         head = self.decision(verdict)
         if verdict.transaction_handle:  # kept for its response: haproxy.cfg sends it with the handle
             head += encode_actions((SetVar(Scope.TRANSACTION, mapping.VAR_HANDLE, verdict.transaction_handle),))
         matches = verdict.matches
-        if not matches and not verdict.redirect_url:
-            return head
+        if not matches and not verdict.redirect_url:  # no match: the body was not cut (99010 would be here)
+            return head + self._truncation[False, True] if session else head
+        if session or verdict.body_truncated:
+            head += self._truncation[verdict.body_truncated, session]
         details = []
         if verdict.redirect_url:
             details.append(SetVar(Scope.TRANSACTION, mapping.VAR_REDIRECT, verdict.redirect_url))
@@ -61,6 +75,10 @@ class AckEncoder:
             details.append(SetVar(Scope.TRANSACTION, mapping.VAR_RULES, " ".join(str(m.id) for m in matches)))
             details.append(SetVar(Scope.TRANSACTION, mapping.VAR_MESSAGE, matches[0].message))
         return head + encode_actions(details)
+
+    def truncation(self, truncated: bool, session: bool = False) -> bytes:
+        """The flag alone, appended to a failure's ACK (the gateway's detection)."""
+        return self._truncation[truncated, session]
 
     def failure(self, reason: str, fail_closed: bool | None = None) -> tuple[bytes, bytes]:
         """(all actions, the decision only) for an answer without a verdict;
@@ -85,9 +103,19 @@ class AckEncoder:
 
     def response_verdict(self, verdict: waf_pb2.Verdict) -> bytes:
         head = self.response_decision(verdict)
-        if not verdict.matches and not verdict.redirect_url:
+        if not verdict.matches and not verdict.redirect_url:  # not cut: 99011 would be here
             return head
         return head + encode_actions(responses.verdict_actions(verdict)[responses.DECISION_VARS:])
+
+    def response_short(self, verdict: waf_pb2.Verdict) -> bytes:
+        """The decision and the truncation flag: what a response ACK too big
+        for the frame keeps."""
+        head = self.response_decision(verdict)
+        return head + self._res_truncation if verdict.body_truncated else head
+
+    def response_truncation(self, truncated: bool) -> bytes:
+        """res_body_truncated alone, for a miss's or a failure's ACK."""
+        return self._res_truncation if truncated else b""
 
     def response_miss(self, reason: MissReason, policy: MissPolicy) -> bytes:
         key = (reason, policy)

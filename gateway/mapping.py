@@ -30,6 +30,9 @@ VAR_MESSAGE = "message"            # message of the first matched rule
 VAR_FAILED = "failed"              # 1 when no verdict could be had
 VAR_ERROR = "error"                # why, when failed
 VAR_HANDLE = "handle"              # the kept transaction's handle, when the request asked (inspect_response)
+# 1 when the body was cut (HAProxy's buffer): only its start was inspected.
+# Absent for a whole body, so that the common answer carries nothing more.
+VAR_BODY_TRUNCATED = "body_truncated"
 # The response's verdict (check-response), in variables of its own.
 VAR_RES_INTERVENTION = "res_intervention"
 VAR_RES_STATUS = "res_status"
@@ -40,6 +43,7 @@ VAR_RES_MESSAGE = "res_message"
 VAR_RES_FAILED = "res_failed"      # 1 when the response got no verdict (miss or failure)
 VAR_RES_MISS = "res_miss"          # 1 when its transaction was gone (the miss policy answered)
 VAR_RES_ERROR = "res_error"        # why, when failed
+VAR_RES_BODY_TRUNCATED = "res_body_truncated"  # as body_truncated, for the response body
 
 ACTION_NAMES = {waf_pb2.ACTION_PASS: "pass", waf_pb2.ACTION_DENY: "deny",
                 waf_pb2.ACTION_REDIRECT: "redirect", waf_pb2.ACTION_DROP: "drop"}
@@ -154,7 +158,8 @@ class RequestContext:
     frontend: str
     host: str
     app: str
-    body_truncated: bool
+    body_truncated: bool  # the gateway's detection (body_was_cut); wafsvc's verdict echoes it
+    original_agent: bool = False  # the original agent's message: its answers set sess.modsec.body_truncated
 
 
 def _utf8(text: str) -> str:
@@ -383,7 +388,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
     for name, value in headers:
         add_header(name=name, value=value)
     context = RequestContext(unique_id=req.transaction_id, frontend=frontend,
-                             host=host, app=app, body_truncated=truncated)
+                             host=host, app=app, body_truncated=truncated, original_agent=schema is ORIGINAL)
     return req, context, unknown
 
 
@@ -392,7 +397,20 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
 DECISION_VARS = 4
 
 
-def verdict_actions(verdict: waf_pb2.Verdict) -> list:
+def truncation_actions(truncated: bool, session: bool) -> list:
+    """The body_truncated flag. In the transaction scope only when the body
+    was cut (absent otherwise: a whole body costs the ACK nothing). For the
+    original agent's message (session=True) also in the session scope, 0 or
+    1 on every answer like sess.modsec.intervention, so that it never shows
+    an earlier request's value on a kept-alive connection."""
+    actions = [SetVar(Scope.TRANSACTION, VAR_BODY_TRUNCATED, 1)] if truncated else []
+    if session:
+        actions.append(SetVar(Scope.SESSION, VAR_BODY_TRUNCATED, Int32(int(truncated))))
+    return actions
+
+
+def verdict_actions(verdict: waf_pb2.Verdict, session: bool = False) -> list:
+    """`session`: the answer to the original agent's message."""
     intervention = int(verdict.intervention)
     actions = [
         SetVar(Scope.TRANSACTION, VAR_INTERVENTION, intervention),
@@ -404,6 +422,9 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
     ]
     if verdict.transaction_handle:  # kept for its response (inspect_response)
         actions.append(SetVar(Scope.TRANSACTION, VAR_HANDLE, verdict.transaction_handle))
+    # wafsvc's verdict is the one source: it says body_truncated exactly when
+    # the request did (the gateway's body_was_cut), and adds rule 99010.
+    actions.extend(truncation_actions(verdict.body_truncated, session))
     if verdict.redirect_url:
         actions.append(SetVar(Scope.TRANSACTION, VAR_REDIRECT, verdict.redirect_url))
     if verdict.matches:
@@ -413,7 +434,9 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
 
 
 def failure_actions(reason: str, fail_closed: bool) -> list:
-    """No verdict: deny (503) or pass, and say so either way."""
+    """No verdict: deny (503) or pass, and say so either way. The caller
+    adds truncation_actions with the gateway's own detection: with no
+    verdict, it is all there is."""
     return [
         SetVar(Scope.TRANSACTION, VAR_INTERVENTION, int(fail_closed)),
         SetVar(Scope.TRANSACTION, VAR_STATUS, 503 if fail_closed else 0),

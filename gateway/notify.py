@@ -271,5 +271,6 @@ class NotifyDecoder:
         if inspect:
             parts.append(pw.T_INSPECT_RESPONSE)
         context = RequestContext(unique_id=unique_id.decode(), frontend=frontend.decode(),
-                                 host=host.decode("latin-1"), app=app.decode(), body_truncated=truncated)
+                                 host=host.decode("latin-1"), app=app.decode(), body_truncated=truncated,
+                                 original_agent=schema is mapping.ORIGINAL)
         return b"".join(parts), context

@@ -122,6 +122,7 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
         SetVar(Scope.TRANSACTION, mapping.VAR_RES_STATUS, verdict.status),
         SetVar(Scope.TRANSACTION, mapping.VAR_RES_ACTION, mapping.ACTION_NAMES.get(verdict.action, "pass")),
     ]
+    actions.extend(truncation_actions(verdict.body_truncated))
     if verdict.redirect_url:
         actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_REDIRECT, verdict.redirect_url))
     if verdict.matches:
@@ -131,6 +132,13 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
 
 
 DECISION_VARS = 3
+
+
+def truncation_actions(truncated: bool) -> list:
+    """res_body_truncated, only when the response body was cut (as the
+    request's body_truncated): from the verdict, or with no verdict (a miss,
+    a failure) from the gateway's own detection."""
+    return [SetVar(Scope.TRANSACTION, mapping.VAR_RES_BODY_TRUNCATED, 1)] if truncated else []
 
 
 def _no_verdict(block: bool, reason: str, miss: bool) -> list:

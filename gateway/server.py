@@ -17,7 +17,7 @@ from gateway.acks import AckEncoder
 from gateway.apps import AppPolicies
 from gateway.config import GatewayConfig
 from gateway.failures import NO_HANDLE, Failure, NoVerdict
-from gateway.mapping import CHECK_RESPONSE, InvalidMessage, RequestContext
+from gateway.mapping import CHECK_RESPONSE, ORIGINAL, InvalidMessage, RequestContext
 from gateway.notify import Decoded, NotifyDecoder
 from gateway.pool import PoolHooks
 from gateway.responses import MissPolicy
@@ -198,7 +198,8 @@ class SpopProtocol(asyncio.Protocol):
             if error.message == CHECK_RESPONSE.name:
                 self._fail_response(decoded.stream_id, decoded.frame_id, None, failure, 0.0)
             else:
-                self._fail(decoded.stream_id, decoded.frame_id, None, failure, 0.0)
+                self._fail(decoded.stream_id, decoded.frame_id, None, failure, 0.0,
+                           original_agent=error.message == ORIGINAL.name)
             return
         worker = decoded.worker
         self.owed += 1
@@ -226,10 +227,11 @@ class SpopProtocol(asyncio.Protocol):
             gateway.hooks.verdict(context, verdict, elapsed)
             if self.transport is not None:
                 acks = gateway.acks
+                original = context.original_agent
                 try:
-                    self.conn.send_encoded_ack(stream_id, frame_id, acks.verdict(verdict))
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.verdict(verdict, original))
                 except SpopError:  # too big for the frame: keep the decision (and handle), drop the details
-                    self.conn.send_encoded_ack(stream_id, frame_id, acks.short(verdict))
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.short(verdict, original))
                 self._schedule_flush()
         else:
             closed = gateway.policies.fails_closed(context.app)
@@ -252,14 +254,16 @@ class SpopProtocol(asyncio.Protocol):
                 try:
                     self.conn.send_encoded_ack(stream_id, frame_id, acks.response_verdict(verdict))
                 except SpopError:  # too big for the frame: keep the decision, drop the details
-                    self.conn.send_encoded_ack(stream_id, frame_id, acks.response_decision(verdict))
+                    self.conn.send_encoded_ack(stream_id, frame_id, acks.response_short(verdict))
                 self._schedule_flush()
         elif failure.is_miss:
             # The transaction is gone: the miss policy answers at once.
             policy = gateway.policies.miss(context.app)
             gateway.hooks.response_miss(context, failure, policy, elapsed)
             if self.transport is not None:
-                self.conn.send_encoded_ack(stream_id, frame_id, gateway.acks.response_miss(failure.miss, policy))
+                acks = gateway.acks
+                self.conn.send_encoded_ack(stream_id, frame_id, acks.response_miss(failure.miss, policy)
+                                           + acks.response_truncation(context.body_truncated))
                 self._schedule_flush()
         else:
             closed = gateway.policies.fails_closed(context.app)
@@ -275,7 +279,11 @@ class SpopProtocol(asyncio.Protocol):
         self.gateway.hooks.response_failure(context, failure, elapsed)
         if self.transport is None:
             return
-        actions, decision = self.gateway.acks.response_failure(str(failure), fail_closed)
+        acks = self.gateway.acks
+        actions, decision = acks.response_failure(str(failure), fail_closed)
+        if context is not None and context.body_truncated:  # no verdict: the gateway's detection
+            flag = acks.response_truncation(True)
+            actions, decision = actions + flag, decision + flag
         try:
             self.conn.send_encoded_ack(stream_id, frame_id, actions)
         except SpopError:
@@ -283,13 +291,21 @@ class SpopProtocol(asyncio.Protocol):
         self._schedule_flush()
 
     def _fail(self, stream_id: int, frame_id: int, context: RequestContext | None,
-              failure: NoVerdict, elapsed: float, fail_closed: bool | None = None) -> None:
+              failure: NoVerdict, elapsed: float, fail_closed: bool | None = None,
+              original_agent: bool = False) -> None:
         """No verdict for this request: count it and answer with the policy
-        (the application's, else the gateway's)."""
+        (the application's, else the gateway's), and the body_truncated flag
+        as the gateway detected it."""
         self.gateway.hooks.failure(context, failure, elapsed)
         if self.transport is None:
             return  # HAProxy went away; the answer has no one to go to
-        actions, decision = self.gateway.acks.failure(str(failure), fail_closed)
+        acks = self.gateway.acks
+        actions, decision = acks.failure(str(failure), fail_closed)
+        if context is not None:
+            original_agent = context.original_agent
+        flag = acks.truncation(context is not None and context.body_truncated, original_agent)
+        if flag:
+            actions, decision = actions + flag, decision + flag
         try:
             self.conn.send_encoded_ack(stream_id, frame_id, actions)
         except SpopError:

@@ -170,20 +170,33 @@ def test_batch_entry_is_a_batch_request_field():
     assert varint(-1) == b"\xff" * 9 + b"\x01"
 
 
-_verdicts = st.builds(
+def _cut(verdict: waf_pb2.Verdict, truncated: bool) -> waf_pb2.Verdict:
+    """As wafsvc flags a cut body (wafsvc.phases.flag_truncated): always with rule 99010."""
+    if truncated:
+        verdict.body_truncated = True
+        verdict.matches.add(id=99010, message="Request body truncated")
+    return verdict
+
+
+_verdicts = st.builds(_cut, st.builds(
     waf_pb2.Verdict, intervention=st.booleans(), status=st.sampled_from([0, 302, 400, 403, 503]),
     action=st.sampled_from([0, 1, 2, 3, 4]), redirect_url=st.sampled_from(["", "https://example.com/x"]),
+    transaction_handle=st.sampled_from(["", "w1#7"]),
     matches=st.lists(st.builds(waf_pb2.RuleMatch, id=st.integers(1, 10 ** 7), message=st.text(max_size=40)),
-                     max_size=4))
+                     max_size=4)), st.booleans())
 
 
 @settings(max_examples=300, deadline=None)
-@given(_verdicts)
-def test_cached_acks_equal_the_reference(verdict):
+@given(_verdicts, st.booleans())
+def test_cached_acks_equal_the_reference(verdict, session):
     encoder = AckEncoder(True)
     for _ in range(2):  # the second time from the cache
-        assert encoder.verdict(verdict) == encode_actions(mapping.verdict_actions(verdict))
-        assert encoder.decision(verdict) == encode_actions(mapping.verdict_actions(verdict)[:mapping.DECISION_VARS])
+        reference = mapping.verdict_actions(verdict, session)
+        assert encoder.verdict(verdict, session) == encode_actions(reference)
+        assert encoder.decision(verdict) == encode_actions(reference[:mapping.DECISION_VARS])
+        details = len([a for a in reference if a.name in (mapping.VAR_REDIRECT, mapping.VAR_RULES,
+                                                          mapping.VAR_MESSAGE)])
+        assert encoder.short(verdict, session) == encode_actions(reference[:len(reference) - details])
 
 
 @pytest.mark.parametrize("closed", [True, False])
