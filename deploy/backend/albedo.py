@@ -51,7 +51,8 @@ LEAK_PAGES = {
 }
 CAPABILITIES += [
     {"path": "/leaks/*", "methods": ["GET"], "description": "pages that leak an SQL error, a directory listing, "
-                                                            "PHP source"},
+                                                            "PHP source; ?pad=<bytes> adds that much text after "
+                                                            "the leak (at most 16 MiB)"},
     {"path": "/large/<bytes>", "methods": ["GET"], "description": "that many bytes of plain text (at most 16 MiB)"},
     {"path": "/delay/<ms>", "methods": ["GET"], "description": "200 after that many ms (at most 30 s): a slow "
                                                                "response, its request long answered"},
@@ -66,6 +67,13 @@ HTML_SIGNATURES = (b"<!DOCTYPE HTML", b"<HTML", b"<HEAD", b"<SCRIPT", b"<IFRAME"
                    b"<TABLE", b"<A", b"<STYLE", b"<TITLE", b"<B", b"<BODY", b"<BR", b"<P", b"<!--")
 WHITESPACE = b"\t\n\x0c\r "
 BINARY = set(range(0x00, 0x09)) | {0x0B} | set(range(0x0E, 0x1B)) | set(range(0x1C, 0x20))
+
+
+def text(size: int) -> bytes:
+    """That many bytes of plain text, at most MAX_LARGE."""
+    size = min(size, MAX_LARGE)
+    line = b"all work and no play makes a large response\n"
+    return (line * (size // len(line) + 1))[:size]
 
 
 def detect_content_type(body: bytes) -> str:
@@ -215,11 +223,11 @@ class Handler(BaseHTTPRequestHandler):
             REFLECTIONS.reset()
             self._send(200)
         elif path in LEAK_PAGES and self.command in ("GET", "HEAD"):
-            self._send(200, LEAK_PAGES[path])
+            query = dict(pair.partition("=")[::2] for pair in self.path.partition("?")[2].split("&"))
+            pad = query.get("pad", "0")
+            self._send(200, LEAK_PAGES[path] + text(int(pad) if pad.isdigit() else 0))
         elif path.startswith("/large/") and path[7:].isdigit():
-            size = min(int(path[7:]), MAX_LARGE)
-            line = b"all work and no play makes a large response\n"
-            self._send(200, (line * (size // len(line) + 1))[:size])
+            self._send(200, text(int(path[7:])))
         elif path.startswith("/delay/") and path[7:].isdigit():
             time.sleep(min(int(path[7:]), MAX_DELAY_MS) / 1000)
             self._send(200, b"delayed\n")
