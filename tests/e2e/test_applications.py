@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 
 import grpc
 import pytest
@@ -140,10 +141,10 @@ def photo(size: int) -> bytes:
     return os.urandom(size).replace(b"--", b"-x").replace(b"\r\n", b"\rx")
 
 
-def post(stack, host: str, body: bytes, content_type: str, chunked: bool = False) -> Reply:
+def post(stack, host: str, body: bytes, content_type: str, chunked: bool = False, path: str = "/upload") -> Reply:
     conn = http.client.HTTPConnection("127.0.0.1", stack.spec.frontend_port, timeout=60)
     try:
-        conn.putrequest("POST", "/upload", skip_host=True, skip_accept_encoding=True)
+        conn.putrequest("POST", path, skip_host=True, skip_accept_encoding=True)
         for name, value in [("Host", host), *BROWSER, ("Content-Type", content_type)]:
             conn.putheader(name, value)
         if chunked:
@@ -162,11 +163,27 @@ def post(stack, host: str, body: bytes, content_type: str, chunked: bool = False
         conn.close()
 
 
+def haproxy_line(stack, path: str) -> str:
+    """HAProxy's log line for the one request to `path`."""
+    def line():
+        log = (stack.spec.log_dir / "haproxy.log").read_text(errors="replace")
+        return next((text for text in log.splitlines() if f'"POST {path} ' in text), None)
+    return wait_for(line, what=f"HAProxy's log line for {path}")
+
+
+def truncated(reply: Reply) -> bool:
+    """txn.modsec.body_truncated, through the debug header; never 0: unset when whole."""
+    assert reply.headers.get("X-Waf-Body-Truncated") in (None, "1")
+    return reply.headers.get("X-Waf-Body-Truncated") == "1"
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_clean_2_mb_upload_passes_flagged(sites, chunked):
     body = multipart(("title", None, b"holiday"), ("file", "beach.jpg", photo(2 * 1024 * 1024)))
-    reply = post(sites, "shop.localhost", body, f"multipart/form-data; boundary={BOUNDARY}", chunked)
-    assert reply.status == 200 and reply.rules == [99010] and not reply.failed
+    path = f"/upload?run={uuid.uuid4().hex}"
+    reply = post(sites, "shop.localhost", body, f"multipart/form-data; boundary={BOUNDARY}", chunked, path)
+    assert reply.status == 200 and reply.rules == [99010] and not reply.failed and truncated(reply)
+    assert " body_truncated=1 " in haproxy_line(sites, path)
     passed = wait_for(lambda: log_lines(sites, "request passed with its body inspected in part"),
                       what="the partly inspected upload logged")
     assert passed[-1]["app"] == "shop" and "bytes inspected" in passed[-1]["body_truncated"]
@@ -180,7 +197,46 @@ def test_a_2_mb_upload_with_an_attack_in_its_first_60_kb_is_blocked(sites, where
     body = multipart(*parts[where])
     assert body.index(ATTACK) < 60 * 1024
     reply = post(sites, "shop.localhost", body, f"multipart/form-data; boundary={BOUNDARY}")
-    assert reply.status == 403 and 942100 in reply.rules and 99010 in reply.rules
+    assert reply.status == 403 and 942100 in reply.rules and 99010 in reply.rules and truncated(reply)
+
+
+def test_a_whole_body_sets_no_flag(sites):
+    path = f"/upload?run={uuid.uuid4().hex}"
+    body = multipart(("title", None, b"holiday"), ("file", "beach.jpg", photo(40_000)))
+    reply = post(sites, "shop.localhost", body, f"multipart/form-data; boundary={BOUNDARY}", path=path)
+    assert reply.status == 200 and reply.rules == [] and not truncated(reply)
+    assert " body_truncated=- " in haproxy_line(sites, path)
+    attack = post(sites, "shop.localhost", multipart(("q", None, ATTACK)), f"multipart/form-data; boundary={BOUNDARY}")
+    assert attack.status == 403 and 942100 in attack.rules and 99010 not in attack.rules and not truncated(attack)
+
+
+def padded_json(first: bytes, last: bytes = b"done") -> bytes:
+    """A 150 kB JSON document: `first` in its first field, `last` in a
+    field after 150 kB of whitespace (cheap to inspect, unlike 64 kB of
+    values), so HAProxy's buffer cuts it in between."""
+    return (b'{"title": "holiday", "q": ' + json.dumps(first.decode()).encode() + b"," + b" " * 150_000
+            + b'"tail": ' + json.dumps(last.decode()).encode() + b"}")
+
+
+def test_a_cut_json_document_is_closed_inspected_and_passes_flagged(sites):
+    """wafsvc closes the document where it was cut (wafsvc/bodies.py), so it
+    parses: what arrived is inspected, the rest is not (the padding risk)."""
+    clean = post(sites, "shop.localhost", padded_json(b"beach"), "application/json")
+    assert clean.status == 200 and clean.rules == [99010] and truncated(clean)
+    attack = post(sites, "shop.localhost", padded_json(ATTACK), "application/json")
+    assert attack.status == 403 and 942100 in attack.rules and 99010 in attack.rules and truncated(attack)
+    past_the_cut = post(sites, "shop.localhost", padded_json(b"beach", ATTACK), "application/json")
+    assert past_the_cut.status == 200 and past_the_cut.rules == [99010] and truncated(past_the_cut)
+
+
+def test_a_cut_xml_body_is_refused_as_unparsable_and_flagged(sites):
+    """libxml2 cannot parse a cut document and wafsvc does not close XML:
+    the engine's parse-failure rule denies it (400, 200002), flagged."""
+    xml = b"<?xml version='1.0'?><order><item>beach</item>" + b" " * 150_000 + b"</order>"
+    reply = post(sites, "shop.localhost", xml, "application/xml")
+    assert reply.status == 400 and reply.rules == [200002, 99010] and truncated(reply)
+    whole = post(sites, "shop.localhost", xml[:100] + b"</order>", "application/xml")
+    assert whole.status == 200 and whole.rules == [] and not truncated(whole)
 
 
 # -- reloads -------------------------------------------------------------------------
@@ -302,6 +358,10 @@ def test_with_wafsvc_down_each_application_gets_its_own_failure_policy(policy_st
     stack.kill_wafsvc(0)
     shop = get(stack, "shop.localhost", "/")
     assert shop.status == 200 and shop.failed and shop.headers["X-Waf-Action"] == "pass"   # open
+    # No verdict: body_truncated comes from the gateway's own detection.
+    upload = post(stack, "shop.localhost", multipart(("file", "a.jpg", photo(200_000))),
+                  f"multipart/form-data; boundary={BOUNDARY}")
+    assert upload.status == 200 and upload.failed and truncated(upload) and not truncated(shop)
     for host in ("blog.localhost", "www.example.com"):                                       # closed
         reply = get(stack, host, "/")
         assert reply.status == 503 and reply.failed, host

@@ -147,3 +147,37 @@ def test_the_int_ne_1_deny_rule_behaves_like_eq_1(stack, tmp_path):
         assert http_request(extra.spec.frontend_port, path=SQLI, headers=BROWSER).status == 403
     finally:
         extra.stop()
+
+
+def test_the_truncation_flag_is_set_in_both_scopes_and_never_left_over(stack, tmp_path):
+    """The original agent's message gets body_truncated like check-request
+    (txn, unset when whole) and, like intervention, in the session scope:
+    0 or 1 on every answer, so a kept-alive connection never shows an
+    earlier request's value. A user who logs it adds the fields below."""
+    import http.client
+    original = (ORIGINAL / "haproxy.cfg").read_text()
+    flagged = tmp_path / "haproxy.cfg"
+    flagged.write_text(original.replace("global\n", "global\n    tune.bufsize 65536\n", 1).replace(
+        "    filter spoe", "    option http-buffer-request\n"
+        "    http-after-response set-header X-Sess-Cut %[var(sess.modsec.body_truncated)]\n"
+        "    http-after-response set-header X-Txn-Cut %[var(txn.modsec.body_truncated)]\n    filter spoe"))
+    extra = start_haproxy(stack, tmp_path, flagged, ORIGINAL / "modsec.conf")
+    boundary = "----formdata7MA4YWxk"
+    upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+              f"Content-Type: image/jpeg\r\n\r\n").encode() + b"\xff\xd8" + b"\x00\x10" * 60_000 + \
+        f"\r\n--{boundary}--\r\n".encode()
+    try:
+        _first_verdict(extra.spec.frontend_port)
+        conn = http.client.HTTPConnection("127.0.0.1", extra.spec.frontend_port, timeout=10)
+        seen = []
+        for body, content_type in ((upload, f"multipart/form-data; boundary={boundary}"),
+                                   (b"comment=nice+shop", "application/x-www-form-urlencoded")):
+            conn.request("POST", "/comment", body=body, headers=dict(BROWSER, **{"Content-Type": content_type}))
+            response = conn.getresponse()
+            response.read()
+            seen.append((response.status, response.getheader("X-Sess-Cut"), response.getheader("X-Txn-Cut")))
+            assert not response.will_close
+        conn.close()
+        assert seen == [(200, "1", "1"), (200, "0", "")]
+    finally:
+        extra.stop()

@@ -12,6 +12,7 @@ import os
 import pathlib
 import time
 import urllib.request
+import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,15 +106,41 @@ def test_a_request_the_waf_blocks_sends_no_response(stack):
             - before.total("modsec_gateway_evaluations_total", verdict="block")) == 1
 
 
+def _cut(reply) -> bool:
+    """txn.modsec.res_body_truncated, through the debug header; unset (never 0) when whole."""
+    assert reply.headers.get("X-Waf-Response-Body-Truncated") in (None, "1")
+    return reply.headers.get("X-Waf-Response-Body-Truncated") == "1"
+
+
+def _log_line(stack, path: str) -> str:
+    def line():
+        log = (stack.spec.log_dir / "haproxy.log").read_text(errors="replace")
+        return next((text for text in log.splitlines() if f'"GET {path} ' in text), None)
+    return wait_for(line, what=f"HAProxy's log line for {path}")
+
+
 def test_a_response_body_past_the_buffer_is_flagged_like_a_request_body(stack):
     # 200 kB of text: HAProxy buffers tune.bufsize (64 KiB) of it; the rest
-    # is never inspected, which is flagged (99011) and, under the default
-    # WAF_TRUNCATED_RESPONSE_BODY=pass, let through.
-    reply = _get(stack.spec.frontend_port, "/large/200000")
+    # is never inspected, which is flagged (99011, res_body_truncated) and,
+    # under the default WAF_TRUNCATED_RESPONSE_BODY=pass, let through.
+    path = f"/large/200000?run={uuid.uuid4().hex}"
+    reply = _get(stack.spec.frontend_port, path)
     assert reply.status == 200 and len(reply.body) == 200000
-    assert reply.headers["X-Waf-Response-Action"] == "pass" and 99011 in _response_rules(reply)
-    fits = _get(stack.spec.frontend_port, "/large/20000")      # inspected whole
-    assert fits.status == 200 and 99011 not in _response_rules(fits)
+    assert reply.headers["X-Waf-Response-Action"] == "pass" and 99011 in _response_rules(reply) and _cut(reply)
+    assert reply.headers.get("X-Waf-Body-Truncated") is None          # the request's own flag: its body was whole
+    assert " res_body_truncated=1" in _log_line(stack, path)
+    path = f"/large/20000?run={uuid.uuid4().hex}"
+    fits = _get(stack.spec.frontend_port, path)      # inspected whole
+    assert fits.status == 200 and 99011 not in _response_rules(fits) and not _cut(fits)
+    assert " res_body_truncated=-" in _log_line(stack, path)
+
+
+@pytest.mark.parametrize("path", sorted(LEAKS))
+def test_a_leak_in_the_first_part_of_a_large_page_is_still_blocked(stack, path):
+    reply = _get(stack.spec.frontend_port, f"{path}?pad=200000")
+    assert reply.status == 403 and reply.headers["X-Waf-Response-Action"] == "deny", _response_rules(reply)
+    rules = _response_rules(reply)
+    assert LEAKS[path] in rules and 99011 in rules and _cut(reply)
 
 
 def _settled_waf(stack) -> Scrape:
