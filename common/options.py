@@ -1,6 +1,7 @@
 """One table of options per service: each option is a flag and an environment
-variable, documented once. The same table builds argparse and the README's
-configuration reference (python -m common.options), so they cannot drift.
+variable, documented once. The same table builds argparse and the
+configuration reference, docs/configuration.md (python -m common --write), so
+they cannot drift.
 """
 
 from __future__ import annotations

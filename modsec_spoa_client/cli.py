@@ -51,8 +51,7 @@ def _config(target, app_settings) -> ClientConfig:
 
 
 def connection_options(command):
-    """--target and friends: the client's settings (README, configuration
-    reference), each also read from its MODSEC_SPOA_* variable."""
+    """--target and friends: the client's settings (docs/configuration.md), each also read from its MODSEC_SPOA_* variable."""
     for decorator in reversed([
         click.option("--target", envvar="MODSEC_SPOA_TARGET", show_envvar=True,
                      help="wafsvc: HOST:PORT, dns:///NAME:PORT or ipv4:IP:PORT,IP:PORT [default 127.0.0.1:50051]"),

@@ -176,8 +176,8 @@ def token_from(path: str) -> str:
 
 @dataclass(frozen=True)
 class EnvOption:
-    """Same shape as common.options.Option, so the README's configuration
-    reference renders the client's variables with the services' ones."""
+    """Same shape as common.options.Option, so the configuration reference
+    (docs/configuration.md) renders the client's variables with the services' ones."""
     dest: str
     env: str
     default: Any

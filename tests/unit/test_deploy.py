@@ -818,10 +818,10 @@ def test_site_rules_load_in_the_real_engine_and_deny_the_smoke_test():
     assert [m.id for m in verdict.matches] == [1001]
 
 
-def test_readme_states_the_replica_join_delay_the_gateway_has():
-    """The Compose and Kubernetes sections promise how soon a new replica
-    gets traffic: the gateway's channel recycling period."""
+def test_docs_state_the_replica_join_delay_the_gateway_has():
+    """The Compose and Kubernetes sections (docs/deployment.md) promise how
+    soon a new replica gets traffic: the gateway's channel recycling period."""
     recycle_ms = next(opt.default for opt in GATEWAY_OPTIONS if opt.env == "GATEWAY_RECYCLE_MS")
-    readme = (ROOT / "README.md").read_text()
-    section = " ".join(readme[readme.index("## Docker Compose"):readme.index("## Development")].split())
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    section = " ".join(text[text.index("## Docker Compose"):text.index("## TLS and tokens")].split())
     assert section.count(f"`GATEWAY_RECYCLE_MS`, {recycle_ms // 1000} s") == 2
