@@ -7,7 +7,7 @@ when Prometheus scrapes; label values from requests (Host) or HAProxy
 scrape time too. Rare events (failures, protocol errors) use
 prometheus_client directly.
 
-Names and one PromQL query each: README, "Metrics and logs".
+Names and one PromQL query each: docs/operations.md, "Metrics and logs".
 """
 
 from __future__ import annotations

@@ -216,8 +216,8 @@ def test_sigterm_of_the_gateway_answers_what_it_took_then_disconnects(stacks, tm
     gateway = stack.proc("gateway")
     # The frontend without response inspection: a response message HAProxy
     # sends while the gateway leaves is lost with the connection, and HAProxy
-    # 2.6 leaves it waiting until its client timeout (README, "Response
-    # inspection through HAProxy"); test_response_misses.py covers that.
+    # 2.6 leaves it waiting until its client timeout (docs/response-inspection.md,
+    # "Response inspection through HAProxy"); test_response_misses.py covers that.
     with Load(stack.spec.frontend_alt_port, clients=6) as load:
         time.sleep(1.5)
         gateway.send_signal(signal.SIGTERM)
