@@ -67,7 +67,7 @@ def log_lines(stack, message: str) -> list[dict]:
 
 
 def reload_wafsvc(stack, text: str) -> None:
-    """Writes the applications file (atomically, as the README says), sends
+    """Writes the applications file (atomically, as docs/rules.md says), sends
     SIGHUP and waits until the supervisor and every worker have reloaded."""
     before = len(log_lines(stack, "rules reloaded"))
     staged = stack.apps_file.with_suffix(".new")
