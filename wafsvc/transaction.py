@@ -123,6 +123,30 @@ class Transaction:
             return True
         return False
 
+    def _step(self, call, *args) -> bool:
+        """One engine call, timed, then whether it intervened (the body steps)."""
+        started = time.perf_counter_ns()
+        try:
+            call(*args)
+            return self._intervened()
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc) from None
+        finally:
+            self._ns += time.perf_counter_ns() - started
+
+    def _verdict(self, verdict, started: int, messages, body_truncated: bool, response: bool,
+                 body_bytes: int, content_length: int) -> waf_pb2.Verdict:
+        """The verdict of one side: what the engine decided, its matches, the
+        engine time, and the truncation flag when the body was cut."""
+        elapsed = self._ns + time.perf_counter_ns() - started
+        if verdict is None:
+            verdict = waf_pb2.Verdict()
+        fill(verdict, self.id, self._decision, messages, elapsed // 1000)
+        if body_truncated:
+            flag_truncated(verdict, self.policy, response, body_bytes, content_length)
+        verdict.application = self.app
+        return verdict
+
     # -- the request -------------------------------------------------------
     def connection(self, client_ip: str = "", client_port: int = 0, server_ip: str = "",
                    server_port: int = 0) -> None:
@@ -159,16 +183,9 @@ class Transaction:
         self._expect(REQUEST)
         if self._decision is not None:
             return True
-        started = time.perf_counter_ns()
-        try:
-            self._tx.append_request_body(chunk)
-            self._request_bytes += len(chunk)
-            # The body limit (SecRequestBodyLimitAction Reject) intervenes here.
-            return self._intervened()
-        except ENGINE_ERRORS as exc:
-            raise engine_error(exc) from None
-        finally:
-            self._ns += time.perf_counter_ns() - started
+        self._request_bytes += len(chunk)
+        # The body limit (SecRequestBodyLimitAction Reject) intervenes here.
+        return self._step(self._tx.append_request_body, chunk)
 
     def end_request(self, verdict: waf_pb2.Verdict | None = None, *, body_truncated: bool = False,
                     content_length: int = -1, keep: bool = False) -> waf_pb2.Verdict:
@@ -236,13 +253,8 @@ class Transaction:
             messages = tx.get_rule_messages()
         except ENGINE_ERRORS as exc:
             raise engine_error(exc) from None
-        elapsed = self._ns + time.perf_counter_ns() - started
-        if verdict is None:
-            verdict = waf_pb2.Verdict()
-        fill(verdict, self.id, self._decision, messages, elapsed // 1000)
-        if body_truncated:
-            flag_truncated(verdict, self.policy, False, self._request_bytes, content_length)
-        verdict.application = self.app
+        verdict = self._verdict(verdict, started, messages, body_truncated, False, self._request_bytes,
+                                content_length)
         if kept:
             self._state, self._request_matches, self._ns = KEPT, len(messages), 0
         else:
@@ -269,17 +281,10 @@ class Transaction:
         self._expect(RESPONSE)
         if self._decision is not None:
             return True
-        started = time.perf_counter_ns()
-        try:
-            # Past SecResponseBodyLimit the engine keeps what fits
-            # (ProcessPartial) and inspects that.
-            self._tx.append_response_body(chunk)
-            self._response_bytes += len(chunk)
-            return self._intervened()
-        except ENGINE_ERRORS as exc:
-            raise engine_error(exc) from None
-        finally:
-            self._ns += time.perf_counter_ns() - started
+        self._response_bytes += len(chunk)
+        # Past SecResponseBodyLimit the engine keeps what fits (ProcessPartial)
+        # and inspects that.
+        return self._step(self._tx.append_response_body, chunk)
 
     def end_response(self, verdict: waf_pb2.Verdict | None = None, *, body_truncated: bool = False,
                      content_length: int = -1) -> waf_pb2.Verdict:
@@ -294,13 +299,8 @@ class Transaction:
         except ENGINE_ERRORS as exc:
             self.close()
             raise engine_error(exc) from None
-        elapsed = self._ns + time.perf_counter_ns() - started
-        if verdict is None:
-            verdict = waf_pb2.Verdict()
-        fill(verdict, self.id, self._decision, messages, elapsed // 1000)
-        if body_truncated:
-            flag_truncated(verdict, self.policy, True, self._response_bytes, content_length)
-        verdict.application = self.app
+        verdict = self._verdict(verdict, started, messages, body_truncated, True, self._response_bytes,
+                                content_length)
         self._finish()
         return verdict
 
