@@ -1,6 +1,7 @@
 """What Client and AsyncClient share besides config and models: turning the
-caller's input into a request message, the retry rule, and which pinned
-connection reaches which worker (response inspection)."""
+caller's input into a request message, the retry rule, which pinned
+connection reaches which worker (response inspection), and the state and
+steps of a client that do not wait (ClientBase)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import time
 from collections import OrderedDict
 from typing import Union
 
+import grpc
+
 from modsec_spoa_client.config import ClientConfig
-from modsec_spoa_client.errors import ErrorReason, TransactionLost, WafError, WafTimeout
-from modsec_spoa_client.models import HttpRequest, HttpResponse, worker_of
+from modsec_spoa_client.errors import ErrorReason, TransactionLost, WafError, WafTimeout, from_rpc_error
+from modsec_spoa_client.models import HttpRequest, HttpResponse, Verdict, worker_of
 from modsec_spoa_client.rawhttp import parse_request
-from wafapi import waf_pb2
+from wafapi import waf_pb2, waf_pb2_grpc
 
 RequestInput = Union[HttpRequest, bytes, bytearray, memoryview]
 KNOWN_WORKERS = 1024  # workers remembered per client (restarts make new names)
@@ -97,3 +100,61 @@ class WorkerRoutes:
             raise TransactionLost(f"no connection of this client reaches worker {worker!r}: use the "
                                   f"client that evaluated the request", code="NOT_FOUND",
                                   reason=ErrorReason.TRANSACTION_OTHER_WORKER) from None
+
+
+class ClientBase:
+    """Client and AsyncClient differ only where they wait (grpc vs grpc.aio):
+    `_grpc` is the module whose channels they open; the rest is here."""
+
+    _grpc = grpc
+
+    def __init__(self, config: ClientConfig | None = None, **settings) -> None:
+        """`Client(ClientConfig(...))`, or the config's fields as keywords."""
+        self.config = config.replace(**settings) if config is not None else ClientConfig(**settings)
+        self._metadata = self.config.metadata()
+        # Response inspection: the request and its response must reach the
+        # same worker, so they travel on pinned connections (pick_first).
+        self._routes = WorkerRoutes(self.config.response_channels)
+        self._pinned: list = []   # (channel, WafStub) by index
+        self.retries = 0  # attempts beyond the first, over this client's life
+
+    def _open_channel(self, balanced: bool, index: int = 0):
+        options = self.config.options(balanced) + [("modsec_spoa.channel", index)]
+        credentials = self.config.credentials()
+        if credentials is None:
+            return self._grpc.insecure_channel(self.config.target, options=options)
+        return self._grpc.secure_channel(self.config.target, credentials, options=options)
+
+    def _pinned_stub(self, index: int) -> waf_pb2_grpc.WafStub:
+        while len(self._pinned) <= index:
+            channel = self._open_channel(balanced=False, index=len(self._pinned) + 1)
+            self._pinned.append((channel, waf_pb2_grpc.WafStub(channel)))
+        return self._pinned[index][1]
+
+    def _request_route(self, inspect_response: bool) -> tuple[waf_pb2_grpc.WafStub, int]:
+        """The stub a request goes to, and its pinned index (-1: balanced).
+        A request whose response will be inspected goes on the next pinned
+        connection, so that its worker can be learnt from the handle."""
+        if not inspect_response:
+            return self._stub, -1
+        index = self._routes.next_index()
+        return self._pinned_stub(index), index
+
+    def _learnt(self, verdict: Verdict, index: int) -> Verdict:
+        if index >= 0 and verdict.transaction_handle:
+            self._routes.learn(verdict.transaction_handle, index)
+        return verdict
+
+    def _response_call(self, handle: str | Verdict,
+                       response: HttpResponse) -> tuple[waf_pb2_grpc.WafStub, waf_pb2.ResponseRequest]:
+        """The pinned stub that reaches the worker holding `handle`'s
+        transaction, and the message for it."""
+        if isinstance(handle, Verdict):
+            handle = handle.transaction_handle
+        return self._pinned_stub(self._routes.index_for(handle)), response_message(handle, response)
+
+    def _retry_or_raise(self, attempts: Attempts, exc: grpc.RpcError) -> None:
+        error = from_rpc_error(exc)
+        if not attempts.again(error):
+            raise error from None
+        self.retries += 1

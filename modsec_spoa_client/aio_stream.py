@@ -12,33 +12,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Iterable
 
 import grpc
 
 from modsec_spoa_client._shared import RequestInput, request_message, response_message
 from modsec_spoa_client.config import ClientConfig
-from modsec_spoa_client.errors import (ErrorReason, WafError, WafTimeout, WafUnavailable, error_for,
-                                       from_rpc_error, reason_of)
+from modsec_spoa_client.errors import WafError, WafTimeout, from_rpc_error
 from modsec_spoa_client.models import HttpResponse, Verdict
-from modsec_spoa_client.stream import REPLICA_METADATA, WORKER_METADATA
+from modsec_spoa_client.stream import REPLICA_METADATA, WORKER_METADATA, Pending, drained, settle
 from wafapi import waf_pb2
 
 _END = None
-
-
-@dataclass
-class _Item:
-    message: waf_pb2.BatchRequest
-    future: asyncio.Future
-    deadline: float
-    retries_left: int
-
-    @property
-    def retryable(self) -> bool:
-        return (self.message.HasField("request") and self.retries_left > 0
-                and not self.future.done() and time.monotonic() < self.deadline)
 
 
 class AsyncEvaluationStream:
@@ -47,7 +32,7 @@ class AsyncEvaluationStream:
         self._config = config
         self._metadata = metadata
         self._refs = itertools.count(1)
-        self._pending: dict[int, _Item] = {}
+        self._pending: dict[int, Pending] = {}
         self._queue: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
@@ -74,7 +59,7 @@ class AsyncEvaluationStream:
             raise RuntimeError("the stream is closed")
         future = asyncio.get_running_loop().create_future()
         message.ref = next(self._refs)
-        item = _Item(message, future, time.monotonic() + self._config.deadline, retries)
+        item = Pending(message, future, time.monotonic() + self._config.deadline, retries)
         self._pending[message.ref] = item
         if self._queue is None:
             self._open()
@@ -121,13 +106,8 @@ class AsyncEvaluationStream:
                     item = self._pending.pop(answer.ref, None)
                     if item is None or item.future.done():
                         continue
-                    if answer.HasField("verdict"):
-                        item.future.set_result(Verdict.from_proto(answer.verdict))
-                    else:
-                        item.future.set_exception(error_for(answer.error.code, answer.error.message,
-                                                            reason_of(answer.error.reason)))
-            error: WafError = WafUnavailable("the worker ended the stream (draining)", code="UNAVAILABLE",
-                                             reason=ErrorReason.DRAINING)
+                    settle(item.future, answer)
+            error = drained()
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
         except asyncio.CancelledError:

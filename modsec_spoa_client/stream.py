@@ -42,7 +42,9 @@ _END = object()
 
 
 @dataclass
-class _Item:
+class Pending:
+    """A submitted item waiting for its answer (a concurrent.futures or an
+    asyncio future: the blocking and asyncio streams share this)."""
     message: waf_pb2.BatchRequest
     future: concurrent.futures.Future
     deadline: float
@@ -52,6 +54,19 @@ class _Item:
     def retryable(self) -> bool:
         return (self.message.HasField("request") and self.retries_left > 0
                 and not self.future.done() and time.monotonic() < self.deadline)
+
+
+def settle(future, answer: waf_pb2.BatchVerdict) -> None:
+    """One answer of the stream into the future of its item."""
+    if answer.HasField("verdict"):
+        future.set_result(Verdict.from_proto(answer.verdict))
+    else:
+        future.set_exception(error_for(answer.error.code, answer.error.message, reason_of(answer.error.reason)))
+
+
+def drained() -> WafError:
+    """The error of a stream the worker ended cleanly (it is draining)."""
+    return WafUnavailable("the worker ended the stream (draining)", code="UNAVAILABLE", reason=ErrorReason.DRAINING)
 
 
 def _batches(items: queue.SimpleQueue, max_batch: int) -> Iterator[waf_pb2.EvaluateBatch]:
@@ -80,7 +95,7 @@ class EvaluationStream:
         self._metadata = metadata
         self._lock = threading.Lock()
         self._refs = itertools.count(1)
-        self._pending: dict[int, _Item] = {}
+        self._pending: dict[int, Pending] = {}
         self._queue: queue.SimpleQueue | None = None
         self._closed = False
         self.worker = ""   # x-waf-worker serving the current stream
@@ -123,7 +138,7 @@ class EvaluationStream:
             if self._closed:
                 raise RuntimeError("the stream is closed")
             message.ref = next(self._refs)
-            self._pending[message.ref] = _Item(message, future, time.monotonic() + self._config.deadline, retries)
+            self._pending[message.ref] = Pending(message, future, time.monotonic() + self._config.deadline, retries)
             if self._queue is None:
                 self._open()
             self._queue.put(message)
@@ -160,13 +175,8 @@ class EvaluationStream:
                         item = self._pending.pop(answer.ref, None)
                     if item is None or item.future.done():
                         continue  # answered after its deadline: nobody waits
-                    if answer.HasField("verdict"):
-                        item.future.set_result(Verdict.from_proto(answer.verdict))
-                    else:
-                        item.future.set_exception(error_for(answer.error.code, answer.error.message,
-                                                            reason_of(answer.error.reason)))
-            error: WafError = WafUnavailable("the worker ended the stream (draining)", code="UNAVAILABLE",
-                                             reason=ErrorReason.DRAINING)
+                    settle(item.future, answer)
+            error = drained()
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
         self._failed(items, error)
