@@ -16,15 +16,11 @@ from __future__ import annotations
 from modsec_spoa_client.aio import AsyncClient
 from modsec_spoa_client.errors import WafError
 from modsec_spoa_client.models import HttpRequest
-from modsec_spoa_client.policy import Decision, Outcome, check_policy, decide
+from modsec_spoa_client.policy import Decision, Middleware, Outcome, decide
 
 
-class WafMiddleware:
-    def __init__(self, app, client: AsyncClient, *, failure_policy: str = "closed", application: str = "") -> None:
-        self.app = app
-        self.client = client
-        self.failure_policy = check_policy(failure_policy)
-        self.application = application
+class WafMiddleware(Middleware):
+    client: AsyncClient
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

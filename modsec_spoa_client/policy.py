@@ -1,5 +1,6 @@
 """What the middleware does with a verdict or with no verdict: one decision,
-shared by the ASGI and WSGI middleware, so both behave the same."""
+shared by the ASGI and WSGI middleware, so both behave the same; and the
+settings both take (Middleware)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def check_policy(failure_policy: str) -> str:
     if failure_policy not in FAILURE_POLICIES:
         raise ValueError(f"failure_policy is 'closed' or 'open', got {failure_policy!r}")
     return failure_policy
+
+
+class Middleware:
+    """What the ASGI and WSGI middleware hold: the app they guard, the client
+    that judges its requests, the failure policy, the application name."""
+
+    def __init__(self, app, client, *, failure_policy: str = "closed", application: str = "") -> None:
+        self.app = app
+        self.client = client
+        self.failure_policy = check_policy(failure_policy)
+        self.application = application

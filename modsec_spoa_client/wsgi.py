@@ -23,17 +23,13 @@ import urllib.parse
 from modsec_spoa_client.client import Client
 from modsec_spoa_client.errors import WafError
 from modsec_spoa_client.models import HttpRequest
-from modsec_spoa_client.policy import Outcome, check_policy, decide
+from modsec_spoa_client.policy import Middleware, Outcome, decide
 
 _UNRESERVED = "/;:@!$&'()*+,=-._~%"
 
 
-class WafWSGIMiddleware:
-    def __init__(self, app, client: Client, *, failure_policy: str = "closed", application: str = "") -> None:
-        self.app = app
-        self.client = client
-        self.failure_policy = check_policy(failure_policy)
-        self.application = application
+class WafWSGIMiddleware(Middleware):
+    client: Client
 
     def __call__(self, environ, start_response):
         stream = environ["wsgi.input"]
