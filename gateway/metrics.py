@@ -243,8 +243,13 @@ class GatewayMetrics(RequestLog):
         key = (kind, self._apps(verdict.application or context.app or "default"))
         evaluations = self._evaluations
         evaluations[key] = evaluations.get(key, 0) + 1
-        if kind == PASS:
-            return
+        if kind != PASS:
+            self._not_passed(context, verdict, kind)
+
+    def _not_passed(self, context: mapping.RequestContext, verdict, kind: str) -> None:
+        """A request's or a response's verdict that did more than pass: the
+        truncation, blocks by frontend and host, and the rules that matched.
+        (Passes skip it: the hot path.)"""
         if context.body_truncated:
             self._invalid["body_truncated"].inc()
         if kind == BLOCK:
@@ -274,18 +279,8 @@ class GatewayMetrics(RequestLog):
         kind = verdict_kind(verdict)
         key = (kind, self._apps(context.app or "default"))
         self._responses[key] = self._responses.get(key, 0) + 1
-        if kind == PASS:
-            return
-        if context.body_truncated:
-            self._invalid["body_truncated"].inc()
-        if kind == BLOCK:
-            key = (self._frontends(context.frontend), self._hosts(context.host))
-            self._blocks[key] = self._blocks.get(key, 0) + 1
-        outcome = "blocked" if kind == BLOCK else "passed"
-        rules = self._rules
-        for match in verdict.matches:
-            key = (match.id, outcome)
-            rules[key] = rules.get(key, 0) + 1
+        if kind != PASS:
+            self._not_passed(context, verdict, kind)
 
     def response_miss(self, context: mapping.RequestContext, failure: NoVerdict, policy, seconds: float) -> None:
         super().response_miss(context, failure, policy, seconds)
