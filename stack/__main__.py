@@ -12,27 +12,18 @@ runs the environment's single application.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-from stack.processes import APPS_MAP, DEBIAN_CRS, DEMO_APPS, Stack, StackSpec
-
-
-def _interrupt(signo, frame) -> None:
-    raise KeyboardInterrupt
+from stack import foreground
+from stack.processes import APPS_MAP, DEMO_APPS, Stack, StackSpec
 
 
 def main() -> int:
-    wafsvc_env = {"CRS_DIR": os.environ.get("CRS_DIR", DEBIAN_CRS),
-                  "PARANOIA": os.environ.get("PARANOIA", "1"),
-                  "MODE": os.environ.get("MODE", "block")}
-    for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL", "WAF_AUDIT_LOG"):
-        if os.environ.get(name):
-            wafsvc_env[name] = os.environ[name]
+    wafsvc_env = foreground.wafsvc_env()
     apps_file = os.environ.get("WAF_CONFIG", "" if "WAF_APPS" in wafsvc_env else str(DEMO_APPS))
     if apps_file:
         wafsvc_env["WAF_CONFIG"] = apps_file
-    replicas = int(os.environ.get("WAFSVC_REPLICAS", "2"))
+    replicas = foreground.replicas()
     spec = StackSpec(frontend_port=8080, frontend_alt_port=8081, backend_port=8000, gateway_port=12345,
                      wafsvc_ports=[50051 + i for i in range(replicas)],
                      wafsvc_workers=int(os.environ.get("WAF_WORKERS", "1")),
@@ -41,26 +32,10 @@ def main() -> int:
                      wafsvc_metrics_ports=[9102 + i for i in range(replicas)],
                      gateway_env={"GATEWAY_METRICS": "127.0.0.1:9101"},
                      haproxy_env={"APPS_MAP": str(APPS_MAP)})
-    stack = Stack(spec)
-    # Explicit handlers: a shell that starts us in the background leaves
-    # SIGINT ignored, and Python would then never raise KeyboardInterrupt.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        stack.start()
-        print(f"\nmodsec-spoa is up: http://127.0.0.1:8080/ (Ctrl-C stops it)\n"
-              f"  try: curl -i 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'  -> 403\n"
-              f"       curl -i -H 'Host: blog.localhost' 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'"
-              f"  -> 200, matches logged\n",
-              file=sys.stderr, flush=True)
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("\nstopping...", file=sys.stderr, flush=True)
-        codes = stack.stop()
-        print("stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()), file=sys.stderr)
-    return 0
+    return foreground.run(Stack(spec), "\nmodsec-spoa is up: http://127.0.0.1:8080/ (Ctrl-C stops it)\n"
+                          "  try: curl -i 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'  -> 403\n"
+                          "       curl -i -H 'Host: blog.localhost' 'http://127.0.0.1:8080/?id=1%27%20or%20%271%27%3D%271'"
+                          "  -> 200, matches logged\n")
 
 
 if __name__ == "__main__":

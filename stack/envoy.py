@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from stack.processes import DEBIAN_CRS, ROOT, Stack, StackSpec, free_port, wait_for_health, wait_for_port
+from stack import foreground
+from stack.processes import ROOT, Stack, StackSpec, free_port, wait_for_health, wait_for_port
 
 ENVOY_DIR = ROOT / "deploy" / "envoy"
 FILTERS = {"ext_proc": "envoy.filters.http.ext_proc", "ext_authz": "envoy.filters.http.ext_authz"}
@@ -162,43 +162,22 @@ class EnvoyStack(Stack):
         return out
 
 
-def _interrupt(signo, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     """`make up-envoy`: in the foreground, like `make up`; Ctrl-C stops it."""
     filter_name = os.environ.get("ENVOY_FILTER", "ext_proc")
     if filter_name not in FILTERS:
         print(f"ENVOY_FILTER must be one of {', '.join(FILTERS)}, got {filter_name!r}", file=sys.stderr)
         return 2
-    wafsvc_env = {"CRS_DIR": os.environ.get("CRS_DIR", DEBIAN_CRS), "PARANOIA": os.environ.get("PARANOIA", "1"),
-                  "MODE": os.environ.get("MODE", "block")}
-    for name in ("RULES", "CRS_SETUP", "WAF_DIRECTIVES", "WAF_APPS", "LOG_LEVEL", "WAF_AUDIT_LOG"):
-        if os.environ.get(name):
-            wafsvc_env[name] = os.environ[name]
-    replicas = int(os.environ.get("WAFSVC_REPLICAS", "2"))
+    wafsvc_env = foreground.wafsvc_env()
+    replicas = foreground.replicas()
     spec = EnvoySpec(envoy_filter=filter_name, envoy_port=10000, envoy_admin_port=9901, backend_port=8000,
                      wafsvc_ports=[50051 + i for i in range(replicas)],
                      wafsvc_workers=int(os.environ.get("WAF_WORKERS", "1")), wafsvc_env=wafsvc_env,
                      wafsvc_metrics_ports=[9102 + i for i in range(replicas)],
                      config_dir=ROOT / "run" / "envoy")
-    stack = EnvoyStack(spec)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        stack.start()
-        print(f"\nmodsec-spoa is up behind Envoy ({filter_name}): http://127.0.0.1:10000/ (Ctrl-C stops it)\n"
-              f"  try: curl -i 'http://127.0.0.1:10000/?id=1%27%20or%20%271%27%3D%271'  -> 403\n",
-              file=sys.stderr, flush=True)
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("\nstopping...", file=sys.stderr, flush=True)
-        codes = stack.stop()
-        print("stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()), file=sys.stderr)
-    return 0
+    return foreground.run(EnvoyStack(spec), f"\nmodsec-spoa is up behind Envoy ({filter_name}): "
+                          f"http://127.0.0.1:10000/ (Ctrl-C stops it)\n"
+                          f"  try: curl -i 'http://127.0.0.1:10000/?id=1%27%20or%20%271%27%3D%271'  -> 403\n")
 
 
 if __name__ == "__main__":
