@@ -16,45 +16,22 @@ the like-for-like comparison of a WAF that sees both directions.
 
 from __future__ import annotations
 
-from bench import setups
-from bench.setups import CONF, Context, HaproxyStack, Setup  # defined before bench.setups imports this module
+from bench.setups import CONF, Context, HaproxyStack, Spoa  # defined before bench.setups imports this module
 from stack.processes import free_port
 
 CONFIG = CONF / "haproxy-responses.cfg"
 
 
-class SpoaProxied(Setup):
-    name, label, rules = "spoa_proxied", "HAProxy +\nmodsec-spoa,\nbackend", ("crs", "trivial")
-    ours = ("gateway", "wafsvc")
+class SpoaProxied(Spoa):
+    name, label = "spoa_proxied", "HAProxy +\nmodsec-spoa,\nbackend"
     responses = False
 
-    def __init__(self, ctx: Context) -> None:
-        self.stacks: dict[str, HaproxyStack] = {}
-        try:
-            for rules in self.rules:
-                env = {"PAGE_ADDR": f"127.0.0.1:{free_port()}"}
-                if self.responses:
-                    env["BENCH_RESPONSES"] = "1"
-                self.stacks[rules] = HaproxyStack(ctx.run_dir, ctx.haproxy_bin, rules=rules, crs_dir=ctx.crs_dir,
-                                                  replicas=ctx.replicas, workers=ctx.workers, haproxy_cfg=CONFIG,
-                                                  haproxy_env=env, name=self.name)
-        except BaseException:
-            self.stop()
-            raise
-
-    def port(self, rules: str) -> int:
-        return self.stacks[rules].port
-
-    def groups(self, rules: str) -> dict[str, list[int]]:
-        return self.stacks[rules].groups()
-
-    def counters(self, rules: str) -> dict[str, float]:
-        messages, batched = setups.batch_counters(self.stacks[rules].metrics_port)
-        return {"stream_messages": messages, "batched_requests": batched}
-
-    def stop(self) -> None:
-        for stack in self.stacks.values():
-            stack.stop()
+    def _stack(self, ctx: Context, rules: str) -> HaproxyStack:
+        env = {"PAGE_ADDR": f"127.0.0.1:{free_port()}"}
+        if self.responses:
+            env["BENCH_RESPONSES"] = "1"
+        return HaproxyStack(ctx.run_dir, ctx.haproxy_bin, rules=rules, crs_dir=ctx.crs_dir, replicas=ctx.replicas,
+                            workers=ctx.workers, haproxy_cfg=CONFIG, haproxy_env=env, name=self.name)
 
 
 class SpoaResponses(SpoaProxied):

@@ -153,11 +153,15 @@ class Spoa(Setup):
         self.stacks: dict[str, HaproxyStack] = {}
         try:
             for rules in self.rules:
-                self.stacks[rules] = HaproxyStack(ctx.run_dir, ctx.haproxy_bin, rules=rules, crs_dir=ctx.crs_dir,
-                                                  replicas=ctx.replicas, workers=ctx.workers)
+                self.stacks[rules] = self._stack(ctx, rules)
         except BaseException:
             self.stop()
             raise
+
+    def _stack(self, ctx: Context, rules: str) -> HaproxyStack:
+        """One rule set's stack (subclasses put a backend behind it)."""
+        return HaproxyStack(ctx.run_dir, ctx.haproxy_bin, rules=rules, crs_dir=ctx.crs_dir,
+                            replicas=ctx.replicas, workers=ctx.workers)
 
     def port(self, rules: str) -> int:
         return self.stacks[rules].port
