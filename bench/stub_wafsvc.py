@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 
+from gateway.protowire import field, varint
 from wafapi import waf_pb2
 
 STREAM_METHOD = ("waf.v1.Waf", "EvaluateStream")
@@ -27,20 +28,9 @@ WORKER_METADATA, REPLICA_METADATA, WORKERS_METADATA = "x-waf-worker", "x-waf-rep
 ACTION_PASS = waf_pb2.ACTION_PASS
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
-
-
+# Tags, (field number << 3) | 2: Verdict.transaction_id = 7, VerdictBatch.verdicts = 1,
+# BatchVerdict.verdict = 2.
+_TRANSACTION_ID, _VERDICTS, _VERDICT = b"\x3a", b"\x0a", b"\x12"
 PASS_VERDICT = bytes((4 << 3, ACTION_PASS))  # Verdict.action = ACTION_PASS; the rest default
 
 
@@ -49,8 +39,8 @@ def pass_verdicts(items) -> bytes:
     verdict that echoes the transaction id, as wafsvc's does."""
     out = bytearray()
     for ref, transaction_id in items:
-        verdict = PASS_VERDICT + (_field(7, transaction_id.encode()) if transaction_id else b"")
-        out += _field(1, b"\x08" + _varint(ref) + _field(2, verdict))
+        verdict = PASS_VERDICT + (field(_TRANSACTION_ID, transaction_id.encode()) if transaction_id else b"")
+        out += field(_VERDICTS, b"\x08" + varint(ref) + field(_VERDICT, verdict))
     return bytes(out)
 
 
