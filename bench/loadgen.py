@@ -34,27 +34,20 @@ def run(port: int, mix: str, seconds: float, work_dir: pathlib.Path, *, connecti
         env["BENCH_STOP_AFTER"] = str(stop_after)
     argv = [wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "5s",
             "-s", str(LUA), f"http://127.0.0.1:{port}/"]
-    groups = groups or {}
-    before = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
-    machine = procstat.cpu_times()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output, _ = proc.communicate(timeout=seconds + 120)
-    after = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
-    machine_busy = procstat.busy_between(machine, procstat.cpu_times())
+    with procstat.CpuWindow(groups) as cpu:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output, _ = proc.communicate(timeout=seconds + 120)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {output.decode(errors='replace')[-2000:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    # A 5xx is no verdict (the gateway's deadline ran out, fail closed):
-    # it counts as a failure, not as throughput, and costs are per verdict.
-    failed = sum(n for code, n in result["statuses"].items() if code.startswith("5"))
+    # Costs are per verdict (procstat.failed: a 5xx is none).
+    failed = procstat.failed(result["statuses"])
     verdicts = result["requests"] - failed
-    requests = max(1, verdicts)
     wall = result["duration_us"] / 1e6
     result.update({
-        "mix": mix, "connections": connections, "failed": failed, "machine_busy": machine_busy,
+        "mix": mix, "connections": connections, "failed": failed, "machine_busy": cpu.machine_busy,
         "rps": verdicts / wall if wall else 0.0,
-        "cpu_s": {name: after[name] - before[name] for name in groups},
-        "cpu_us_per_request": {name: (after[name] - before[name]) * 1e6 / requests for name in groups},
+        "cpu_s": cpu.cpu_s, "cpu_us_per_request": cpu.us_per(verdicts),
     })
     return result

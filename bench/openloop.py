@@ -54,22 +54,16 @@ def run(port: int, mix: str, rate: float, seconds: float, work_dir: pathlib.Path
     out = work_dir / f"openloop-{time.monotonic_ns()}.json"
     argv = [str(binary(work_dir)), str(port), f"{rate:.3f}", f"{warmup_s:.3f}", f"{seconds:.3f}",
             str(connections), str(requests), str(out)]
-    groups = groups or {}
-    before = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
-    machine = procstat.cpu_times()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=warmup_s + seconds + 60)
-    after = {name: procstat.total_cpu(pids) for name, pids in groups.items()}
-    machine_busy = procstat.busy_between(machine, procstat.cpu_times())
+    with procstat.CpuWindow(groups) as cpu:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=warmup_s + seconds + 60)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"openloop failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    failed = sum(n for code, n in result["statuses"].items() if code.startswith("5"))
-    answered = max(1, result["answered"] - failed)
+    failed = procstat.failed(result["statuses"])
     result.update({
-        "mix": mix, "failed": failed, "machine_busy": machine_busy,
+        "mix": mix, "failed": failed, "machine_busy": cpu.machine_busy,
         "rps": result["achieved_rate"],  # answers to the requests due in the window, per second
-        "cpu_s": {name: after[name] - before[name] for name in groups},
-        "cpu_us_per_request": {name: (after[name] - before[name]) * 1e6 / answered for name in groups},
+        "cpu_s": cpu.cpu_s, "cpu_us_per_request": cpu.us_per(result["answered"] - failed),
     })
     return result

@@ -62,6 +62,35 @@ def busy_between(before: list[int], after: list[int]) -> float:
     return round(1.0 - (delta[3] + delta[4]) / max(1, sum(delta)), 3)
 
 
+class CpuWindow:
+    """CPU seconds of each process group (name -> pids) and the machine's
+    busy share over a `with` block: what a load run costs."""
+
+    def __init__(self, groups: dict[str, list[int]] | None) -> None:
+        self.groups = groups or {}
+        self.cpu_s: dict[str, float] = {}
+        self.machine_busy = 0.0
+
+    def __enter__(self) -> "CpuWindow":
+        self._before = {name: total_cpu(pids) for name, pids in self.groups.items()}
+        self._machine = cpu_times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cpu_s = {name: total_cpu(pids) - self._before[name] for name, pids in self.groups.items()}
+        self.machine_busy = busy_between(self._machine, cpu_times())
+
+    def us_per(self, count: int) -> dict[str, float]:
+        """CPU µs per request (or verdict), `count` of them."""
+        return {name: seconds * 1e6 / max(1, count) for name, seconds in self.cpu_s.items()}
+
+
+def failed(statuses: dict[str, int]) -> int:
+    """Answers without a verdict: a 5xx is the gateway's deadline run out
+    (fail closed), a failure, not throughput."""
+    return sum(n for code, n in statuses.items() if code.startswith("5"))
+
+
 def busy_fraction(interval_s: float = 1.0) -> float:
     """Share of all CPUs that were busy over interval_s (machine-wide)."""
     import time
