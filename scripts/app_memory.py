@@ -32,6 +32,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import results  # noqa: E402
 from stack.processes import free_port, wait_for_health  # noqa: E402
 
 MIB = 1024 * 1024
@@ -109,18 +110,14 @@ def main() -> int:
     result = {
         "what": "wafsvc worker memory with N CRS applications (one worker, after start)",
         "crs_dir": args.crs_dir, "python": platform.python_version(),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "measured_at": results.now(),
         "mib_per_distinct_application": {"rss": slope(rows, "distinct", "rss_mib"),
                                          "pss": slope(rows, "distinct", "pss_mib")},
         "mib_per_shared_application": {"rss": slope(rows, "shared", "rss_mib"),
                                        "pss": slope(rows, "shared", "pss_mib")},
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return results.emit(result, args.out)
 
 
 if __name__ == "__main__":

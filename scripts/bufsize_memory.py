@@ -31,6 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import results  # noqa: E402
 from stack.processes import HAPROXY_DIR, free_port, wait_for_port  # noqa: E402
 
 MIB = 1024 * 1024
@@ -106,12 +107,8 @@ def main() -> int:
                     rows.append(measure(binary, bufsize, fill, args.streams, pathlib.Path(tmp)))
                     print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"what": "HAProxy RSS per request in flight (slow uploads held by option http-buffer-request)",
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+              "measured_at": results.now(), "rows": rows}
+    return results.emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import results  # noqa: E402
 from wafapi import waf_pb2  # noqa: E402
 from wafsvc.apps import Application, Applications  # noqa: E402
 from wafsvc.config import REPO_RULES  # noqa: E402
@@ -82,13 +83,9 @@ def main() -> int:
                          "rules": [m.id for m in verdict.matches]})
             print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"what": "engine time for a body cut at HAProxy's buffer (CRS PL1, one process)",
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "measured_at": results.now(),
               "load_average": os.getloadavg(), "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return results.emit(result, args.out)
 
 
 if __name__ == "__main__":
