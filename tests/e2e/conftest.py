@@ -14,8 +14,10 @@ import pathlib
 import shutil
 import subprocess
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stack import Stack, StackSpec
 
@@ -110,3 +112,28 @@ def http_request(port: int, method: str = "GET", path: str = "/", headers=(), bo
         return Reply(resp.status, resp.headers, resp.read())
     finally:
         conn.close()
+
+
+@pytest.fixture
+def stacks():
+    """Stacks a test starts itself (append them): stopped when it ends."""
+    started = []
+    yield started
+    for stack in started:
+        stack.stop()
+
+
+class Scrape:
+    """One read of a /metrics endpoint."""
+
+    def __init__(self, port: int) -> None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def total(self, name: str, **labels) -> float:
+        """Sum of every sample of `name` whose labels include `labels`."""
+        return sum(s.value for s in self.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def labels(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name}

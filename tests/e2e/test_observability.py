@@ -22,12 +22,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.spop import Message, encode_haproxy_hello, encode_notify
 from stack import free_port
 from stack.processes import HAPROXY_DIR
-from tests.e2e.conftest import start_stack, wait_for
+from tests.e2e.conftest import Scrape, start_stack, wait_for
 from wafsvc.metrics import FLUSH_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -64,19 +63,6 @@ def obs(haproxy_bin, stack_logs):
 
 
 # -- helpers ------------------------------------------------------------------
-
-class Scrape:
-    def __init__(self, port: int) -> None:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-    def total(self, name: str, **labels) -> float:
-        """Sum of every sample of `name` whose labels include `labels`."""
-        return sum(s.value for s in self.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    def labels(self, name: str, label: str) -> set[str]:
-        return {s.labels[label] for s in self.samples if s.name == name}
 
 
 def scrape(obs, service: str) -> Scrape:

@@ -38,14 +38,6 @@ def _stack(tmp_path: pathlib.Path, haproxy_bin: str, replicas: int, workers: int
     return stack
 
 
-@pytest.fixture
-def stacks():
-    started = []
-    yield started
-    for stack in started:
-        stack.stop()
-
-
 def _log_events(stack, name: str) -> list[dict]:
     events = []
     for line in (stack.spec.log_dir / f"{name}.log").read_text(errors="replace").splitlines():

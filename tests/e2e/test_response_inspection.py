@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import pathlib
 import time
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stack import free_port
-from tests.e2e.conftest import http_request, start_stack, wait_for
+from tests.e2e.conftest import Scrape, http_request, start_stack, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BROWSER = [("Host", "shop.example.com"), ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"),
@@ -38,15 +36,6 @@ def crs_dir() -> str:
             return candidate
     pytest.fail("CRS v4 not found beside the checkout (../shared/crs/v4.28.0) nor in CRS_DIR")
 
-
-class Scrape:
-    def __init__(self, port: int) -> None:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-    def total(self, name: str, **labels) -> float:
-        return sum(s.value for s in self.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stack import free_port
-from tests.e2e.conftest import http_request, start_stack, wait_for
+from tests.e2e.conftest import Scrape, http_request, start_stack, wait_for
 
 RULES = ('SecRule REQUEST_HEADERS:x-attack "@streq 1" "id:1001,phase:1,deny,status:403,log,msg:\'attack\'"\n'
          'SecRule RESPONSE_BODY "@contains LEAKED" "id:1101,phase:4,deny,status:403,log,msg:\'leak\'"\n')
@@ -36,26 +34,8 @@ def _stack(tmp_path, haproxy_bin, replicas: int, gateway_env=None, wafsvc_env=No
     stack = start_stack(tmp_path / "logs", haproxy_bin, wafsvc_ports=[free_port() for _ in range(replicas)],
                         wafsvc_workers=1, wafsvc_env={"RULES": str(rules), **(wafsvc_env or {})},
                         gateway_env={"GATEWAY_METRICS": f"127.0.0.1:{metrics}", **(gateway_env or {})})
-    stack.metrics = lambda: _scrape(metrics)
+    stack.metrics = lambda: Scrape(metrics)
     return stack
-
-
-@pytest.fixture
-def stacks():
-    started = []
-    yield started
-    for stack in started:
-        stack.stop()
-
-
-def _scrape(port: int) -> dict[tuple, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all((k, w) in ls for k, w in labels.items()))
 
 
 def _events(stack, name: str) -> list[dict]:
@@ -158,14 +138,14 @@ def test_a_replica_killed_between_requests_and_responses(stacks, tmp_path, hapro
     samples = stack.metrics()
 
     def moved(name: str, **labels) -> float:
-        return _total(samples, name, **labels) - _total(before, name, **labels)
+        return samples.total(name, **labels) - before.total(name, **labels)
 
     assert moved("modsec_gateway_evaluations_total", verdict="pass") == len(rows)
     assert moved("modsec_gateway_response_misses_total") == len(misses)
     assert moved("modsec_gateway_response_evaluations_total", verdict="pass") == len(rows) - len(misses)
     assert moved("modsec_gateway_response_evaluations_total", verdict="miss") == len(misses)
-    assert (_total(samples, "modsec_gateway_pool_submitted_total")
-            == _total(samples, "modsec_gateway_pool_answered_total"))
+    assert (samples.total("modsec_gateway_pool_submitted_total")
+            == samples.total("modsec_gateway_pool_answered_total"))
     spoe = _spoe_ms(stack, {r["id"] for r in misses})
     print(f"{len(rows)} requests, {len(misses)} responses missed after the kill "
           f"({sorted({r['res_error'] for r in misses})}); HAProxy waited {min(spoe)}-{max(spoe)} ms for those; "
@@ -184,4 +164,4 @@ def test_a_transaction_past_its_ttl_gets_the_miss_policy(stacks, tmp_path, hapro
     assert fresh.status == 200 and fresh.headers["X-Waf-Response-Action"] == "pass"
     assert fresh.headers.get("X-Waf-Response-Miss") is None
     samples = stack.metrics()
-    assert _total(samples, "modsec_gateway_response_misses_total", reason="expired", policy=policy) == 1
+    assert samples.total("modsec_gateway_response_misses_total", reason="expired", policy=policy) == 1

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import urllib.request
 import os
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stack import free_port
 from stack.processes import HAPROXY_DIR
-from tests.e2e.conftest import http_request, start_stack, wait_for
+from tests.e2e.conftest import Scrape, http_request, start_stack, wait_for
 from tests.e2e.extra_haproxy import start_haproxy
 
 SHIPPED = (HAPROXY_DIR / "spoe-modsecurity.conf").read_text()
@@ -58,15 +56,6 @@ MISTAKES = {
 # Misspelt arguments: the unknown name is logged too, with its likely fix.
 MISSPELT = {"uri misspelt url": ("url", "uri"), "method misspelt": ("meth", "method")}
 
-
-class Scrape:
-    def __init__(self, port: int) -> None:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-    def total(self, name: str, **labels) -> float:
-        return sum(s.value for s in self.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @pytest.fixture(scope="module")
