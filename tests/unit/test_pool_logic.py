@@ -7,37 +7,11 @@ from __future__ import annotations
 import time
 
 from gateway.failures import STREAM_FAILED
-from gateway.lanes import Lane, Slot
-from gateway.pool import PoolHooks, WafPool
+from gateway.lanes import Lane
+from gateway.pool import WafPool
 from gateway.sweeper import MAX_ATTEMPTS
+from tests.unit.pool_fakes import add_lane, add_slot, make_pool, send, two_workers
 from wafapi import waf_pb2
-
-
-class Recorded(PoolHooks):
-    def __init__(self) -> None:
-        self.calls = []
-
-    def retried(self, worker: str) -> None:
-        self.calls.append(("retried", worker))
-
-    def grpc_error(self, worker: str, code: str) -> None:
-        self.calls.append(("grpc_error", worker, code))
-
-
-def _pool() -> WafPool:
-    return WafPool("ipv4:127.0.0.1:9", channels=2, streams=2, deadline_s=0.4, hedge_s=0.15, hooks=Recorded())
-
-
-def _lane(pool: WafPool, slot: Slot, worker: str, replica: str = "r1", workers: int = 2) -> Lane:
-    lane = pool.channels.add_lane(slot)
-    pool.attach(lane, worker, replica, workers)
-    return lane
-
-
-def _slot(pool: WafPool, generation: int) -> Slot:
-    slot = Slot(len(pool.channels.slots), generation, channel=None)
-    pool.channels.slots.append(slot)
-    return slot
 
 
 def _submit(pool: WafPool, results: list) -> None:
@@ -49,13 +23,6 @@ def _worker(pool: WafPool, name: str):
     return pool.workers.get(name)
 
 
-def _send(lane: Lane) -> None:
-    """What the lane's writer does: queued requests become sent ones."""
-    for pending in lane.queue:
-        lane.sent[pending.ref] = pending
-    lane.queue.clear()
-
-
 def _answer(pool: WafPool, lane: Lane, refs) -> None:
     batch = waf_pb2.VerdictBatch()
     for ref in refs:
@@ -64,14 +31,13 @@ def _answer(pool: WafPool, lane: Lane, refs) -> None:
 
 
 def test_requests_go_to_the_worker_with_fewest_in_flight():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     for _ in range(4):
         _submit(pool, results)
     assert len(a.queue) == len(b.queue) == 2
-    _send(a)
+    send(a)
     _answer(pool, a, list(a.sent))
     assert len(results) == 2 and _worker(pool, "r1/a").inflight == 0
     _submit(pool, results)
@@ -80,14 +46,13 @@ def test_requests_go_to_the_worker_with_fewest_in_flight():
 
 
 def test_everything_on_a_hung_worker_moves_and_it_gets_no_new_work():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     for _ in range(4):
         _submit(pool, results)
-    _send(a)
-    _send(b)
+    send(a)
+    send(b)
     hung = _worker(pool, "r1/a")
     hung.last_answer = time.monotonic() - 10   # nothing since the requests were sent
     _answer(pool, b, list(b.sent))             # b answers: it is alive
@@ -101,19 +66,18 @@ def test_everything_on_a_hung_worker_moves_and_it_gets_no_new_work():
     # is back: it takes work again.
     _answer(pool, a, [p.ref for p in stuck])
     assert len(results) == 2 and not hung.stalled
-    _send(b)
+    send(b)
     _answer(pool, b, list(b.sent))
     assert len(results) == 5 and all(error is None for _, error in results)
 
 
 def test_a_worker_that_answers_keeps_its_slow_request():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     _submit(pool, results)
     lane = a if a.queue else b
-    _send(lane)
+    send(lane)
     pending = next(iter(lane.sent.values()))
     lane.worker.last_answer = time.monotonic()  # answered other requests since
     pool.sweeper.hedge(pending)
@@ -121,42 +85,41 @@ def test_a_worker_that_answers_keeps_its_slow_request():
 
 
 def test_a_failed_lane_hands_its_requests_to_another_worker_until_attempts_run_out():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     _submit(pool, results)
     lane = a if a.queue else b
     other = b if lane is a else a
-    _send(lane)
+    send(lane)
     pool.detach(lane)
     assert not lane.sent and len(other.queue) == 1 and not results
     pending = other.queue[0]
     pending.attempts = MAX_ATTEMPTS
-    _send(other)
+    send(other)
     pool.detach(other)
     assert results == [(None, STREAM_FAILED)]
     assert pool.inflight == 0 and pool.live_workers() == []
 
 
 def test_coverage_repair_replaces_a_slot_that_only_duplicates_covered_workers():
-    pool = _pool()
-    first, second = _slot(pool, 1), _slot(pool, 2)
+    pool = make_pool()
+    first, second = add_slot(pool, 1), add_slot(pool, 2)
     first.opened, second.opened = 1.0, 2.0
-    _lane(pool, first, "r1/a")
-    _lane(pool, second, "r1/a")
-    _lane(pool, second, "r2/x", replica="r2", workers=1)
+    add_lane(pool, first, "r1/a")
+    add_lane(pool, second, "r1/a")
+    add_lane(pool, second, "r2/x", replica="r2", workers=1)
     assert pool.coverage() == {"r1": (1, 2), "r2": (1, 1)}
     # Replacing `second` would lose r2's only worker; `first` only repeats r1/a.
     assert pool.channels.spare_slot() is first
-    _lane(pool, first, "r1/b")
+    add_lane(pool, first, "r1/b")
     assert pool.coverage() == {"r1": (2, 2), "r2": (1, 1)}
 
 
 def test_coverage_repair_adds_a_slot_when_none_can_be_spared():
-    pool = _pool()
-    only = _slot(pool, 1)
-    _lane(pool, only, "r1/a", workers=3)
+    pool = make_pool()
+    only = add_slot(pool, 1)
+    add_lane(pool, only, "r1/a", workers=3)
     assert pool.channels.spare_slot() is None
     actions = []
     pool.channels.add_slot = lambda: actions.append("add")          # opening one needs a channel
@@ -164,20 +127,20 @@ def test_coverage_repair_adds_a_slot_when_none_can_be_spared():
     now = time.monotonic()
     assert pool.channels.repair_coverage(now) and actions == ["add"]
     assert not pool.channels.repair_coverage(now) and actions == ["add"]  # cooldown between repairs
-    _lane(pool, only, "r1/b", workers=3)
-    _lane(pool, only, "r1/c", workers=3)
+    add_lane(pool, only, "r1/b", workers=3)
+    add_lane(pool, only, "r1/c", workers=3)
     assert not pool.channels.repair_coverage(now + 1) and pool.coverage() == {"r1": (3, 3)}
 
 
 def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    lanes = [_lane(pool, slot, f"r1/{name}", workers=5) for name in "abcde"]
+    pool = make_pool()
+    slot = add_slot(pool, 1)
+    lanes = [add_lane(pool, slot, f"r1/{name}", workers=5) for name in "abcde"]
     results = []
     for _ in range(5):
         _submit(pool, results)
     for lane in lanes:
-        _send(lane)
+        send(lane)
         lane.worker.last_answer = time.monotonic() - 10
     for lane in lanes:
         if lane.sent:
@@ -187,13 +150,13 @@ def test_declaring_workers_hung_is_rationed_so_overload_cannot_snowball():
 
 
 def test_a_message_answered_in_parts_frees_the_window_once():
-    pool = _pool()
-    lane = _lane(pool, _slot(pool, 1), "r1/a", workers=1)
+    pool = make_pool()
+    lane = add_lane(pool, add_slot(pool, 1), "r1/a", workers=1)
     results = []
     for _ in range(4):
         _submit(pool, results)
     refs = [p.ref for p in lane.queue]
-    _send(lane)
+    send(lane)
     lane.worker.outstanding = 1                      # what the writer counts for one message
     lane.unanswered.append(4)
     _answer(pool, lane, refs[:1])                    # a partial flush from a long batch
@@ -204,15 +167,14 @@ def test_a_message_answered_in_parts_frees_the_window_once():
 
 def test_a_refusal_is_a_typed_value_and_a_retryable_error_goes_elsewhere():
     from gateway.failures import Failure
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     _submit(pool, results)
     _submit(pool, results)
     lanes = [lane for lane in (a, b) if lane.queue]
     for lane in lanes:
-        _send(lane)
+        send(lane)
     first, second = lanes[0], lanes[-1]
     refs = list(first.sent)
     batch = waf_pb2.VerdictBatch()
@@ -234,15 +196,14 @@ def test_a_refusal_is_a_typed_value_and_a_retryable_error_goes_elsewhere():
 
 
 def test_in_flight_counts_return_to_zero_whatever_the_path():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool)
     results = []
     for _ in range(6):
         _submit(pool, results)
-    _send(a)
+    send(a)
     pool.detach(a)                                   # a's requests move to b
-    _send(b)
+    send(b)
     _answer(pool, b, list(b.sent)[:3])               # some answered
     pool.sweeper.by_deadline[0].deadline = 0         # the rest time out
     for pending in list(pool.sweeper.by_deadline):

@@ -9,43 +9,12 @@ import time
 
 from gateway.channels import lanes_per_slot, listed_addresses, name_and_port
 from gateway.failures import NO_ROUTE, WORKER_HUNG, Failure, MissReason
-from gateway.lanes import Lane, Slot
-from gateway.pool import PoolHooks, WafPool
+from gateway.pool import WafPool
 from gateway.sweeper import MAX_ATTEMPTS
+from tests.unit.pool_fakes import add_lane, add_slot, make_pool, send, two_workers
 from wafapi import waf_pb2
 
 RESPONSE = waf_pb2.ResponseRequest(transaction_handle="r1/a#n.1", status=200).SerializeToString()
-
-
-def _pool() -> WafPool:
-    return WafPool("ipv4:127.0.0.1:9", channels=2, streams=2, deadline_s=0.4, hedge_s=0.15, hooks=PoolHooks())
-
-
-class _Channel:
-    """What retiring a slot does with its channel."""
-    closed = False
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-def _slot(pool: WafPool, generation: int) -> Slot:
-    slot = Slot(len(pool.channels.slots), generation, channel=_Channel())
-    pool.channels.slots.append(slot)
-    return slot
-
-
-def _lane(pool: WafPool, slot: Slot, worker: str, replica: str = "r1", workers: int = 2) -> Lane:
-    lane = pool.channels.add_lane(slot)
-    pool.attach(lane, worker, replica, workers)
-    lane.call = object()  # an open stream, as far as the pool can tell
-    return lane
-
-
-def _send(lane: Lane) -> None:
-    for pending in lane.queue:
-        lane.sent[pending.ref] = pending
-    lane.queue.clear()
 
 
 def _respond(pool: WafPool, worker: str, results: list) -> None:
@@ -53,9 +22,8 @@ def _respond(pool: WafPool, worker: str, results: list) -> None:
 
 
 def test_a_response_goes_only_to_the_worker_its_handle_names():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool, streaming=True)
     results = []
     for _ in range(3):
         _respond(pool, "r1/b", results)   # b is busier afterwards: pick() would choose a
@@ -67,8 +35,8 @@ def test_a_response_goes_only_to_the_worker_its_handle_names():
 
 
 def test_no_lane_to_that_worker_is_a_miss_at_once():
-    pool = _pool()
-    _lane(pool, _slot(pool, 1), "r1/a")
+    pool = make_pool()
+    add_lane(pool, add_slot(pool, 1), "r1/a", streaming=True)
     results = []
     _respond(pool, "r1/gone", results)
     assert results == [(None, NO_ROUTE)] and NO_ROUTE.miss is MissReason.NO_ROUTE
@@ -76,42 +44,41 @@ def test_no_lane_to_that_worker_is_a_miss_at_once():
 
 
 def test_a_failed_stream_sends_the_response_again_only_to_the_same_worker():
-    pool = _pool()
-    first, second = _slot(pool, 1), _slot(pool, 2)
-    a1, b = _lane(pool, first, "r1/a"), _lane(pool, first, "r1/b")
-    a2 = _lane(pool, second, "r1/a")
+    pool = make_pool()
+    first, second = add_slot(pool, 1), add_slot(pool, 2)
+    a1, b = add_lane(pool, first, "r1/a", streaming=True), add_lane(pool, first, "r1/b", streaming=True)
+    a2 = add_lane(pool, second, "r1/a", streaming=True)
     results = []
     _respond(pool, "r1/a", results)
     lane = a1 if a1.queue else a2
     other = a2 if lane is a1 else a1
-    _send(lane)
+    send(lane)
     pool.detach(lane)                          # the stream broke: another lane to r1/a takes it
     assert len(other.queue) == 1 and not b.queue and not results
-    _send(other)
+    send(other)
     pool.detach(other)                         # the worker is gone: no lane left to it
     assert results == [(None, NO_ROUTE)] and not b.queue and pool.inflight == 0
 
 
 def test_when_its_worker_dies_every_lane_fails_and_the_response_is_a_miss_not_a_failure():
-    pool = _pool()
-    lanes = [_lane(pool, _slot(pool, g), "r1/a") for g in range(1, MAX_ATTEMPTS + 3)]
+    pool = make_pool()
+    lanes = [add_lane(pool, add_slot(pool, g), "r1/a", streaming=True) for g in range(1, MAX_ATTEMPTS + 3)]
     results = []
     _respond(pool, "r1/a", results)
     while not results:                         # the worker's streams fail one after another
         lane = next(lane for lane in lanes if lane.queue)
-        _send(lane)
+        send(lane)
         pool.detach(lane)
     assert results == [(None, NO_ROUTE)] and pool.inflight == 0
 
 
 def test_a_miss_from_wafsvc_is_typed_and_a_failed_response_is_never_retried():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, _ = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, _ = two_workers(pool, streaming=True)
     results = []
     _respond(pool, "r1/a", results)
     _respond(pool, "r1/a", results)
-    _send(a)
+    send(a)
     first, second = list(a.sent)
     batch = waf_pb2.VerdictBatch()
     miss = batch.verdicts.add(ref=first).error
@@ -126,15 +93,14 @@ def test_a_miss_from_wafsvc_is_typed_and_a_failed_response_is_never_retried():
 
 
 def test_a_hung_worker_turns_its_responses_into_misses_and_its_requests_move():
-    pool = _pool()
-    slot = _slot(pool, 1)
-    a, b = _lane(pool, slot, "r1/a"), _lane(pool, slot, "r1/b")
+    pool = make_pool()
+    a, b = two_workers(pool, streaming=True)
     results = []
     _respond(pool, "r1/a", results)
     while not any(p.pin is None for p in a.queue):  # least in flight: requests land on a too
         pool.submit(waf_pb2.EvaluateRequest(method="GET", uri=b"/").SerializeToString(),
                     lambda v, e: results.append((v, e)))
-    _send(a)
+    send(a)
     response = next(p for p in a.sent.values() if p.pin is not None)
     requests_on_b = len(b.queue)
     a.worker.last_answer = time.monotonic() - 10
@@ -149,10 +115,10 @@ def test_a_hung_worker_turns_its_responses_into_misses_and_its_requests_move():
 
 def test_a_retired_lane_stays_the_way_to_its_worker_until_another_one_is():
     async def run():
-        pool = _pool()
-        old, new = _slot(pool, 1), _slot(pool, 2)
-        a_old = _lane(pool, old, "r1/a")
-        b_new = _lane(pool, new, "r1/b")
+        pool = make_pool()
+        old, new = add_slot(pool, 1), add_slot(pool, 2)
+        a_old = add_lane(pool, old, "r1/a", streaming=True)
+        b_new = add_lane(pool, new, "r1/b", streaming=True)
         retiring = asyncio.create_task(pool.channels._retire(old))
         await asyncio.sleep(0.12)
         worker = a_old.worker
@@ -163,11 +129,11 @@ def test_a_retired_lane_stays_the_way_to_its_worker_until_another_one_is():
         assert len(a_old.queue) == 1 and not b_new.queue  # routed through the spare, never to r1/b
         pool.submit(waf_pb2.EvaluateRequest(method="GET", uri=b"/").SerializeToString(), lambda v, e: None)
         assert len(b_new.queue) == 1                     # new work never goes to a retired lane
-        _send(a_old)
+        send(a_old)
         batch = waf_pb2.VerdictBatch()
         batch.verdicts.add(ref=next(iter(a_old.sent))).verdict.action = waf_pb2.ACTION_PASS
         pool.runner.on_verdicts(a_old, batch)
-        a_new = _lane(pool, new, "r1/a")                 # coverage repair reached r1/a again
+        a_new = add_lane(pool, new, "r1/a", streaming=True)                 # coverage repair reached r1/a again
         await asyncio.wait_for(retiring, 2)
         assert results[0][0] is not None and pool.workers.route("r1/a") is a_new
         assert worker.spares == [] and old.channel.closed
@@ -176,10 +142,10 @@ def test_a_retired_lane_stays_the_way_to_its_worker_until_another_one_is():
 
 def test_a_retired_lane_that_is_not_the_only_way_closes_at_once():
     async def run():
-        pool = _pool()
-        old, new = _slot(pool, 1), _slot(pool, 2)
-        _lane(pool, old, "r1/a")
-        _lane(pool, new, "r1/a")
+        pool = make_pool()
+        old, new = add_slot(pool, 1), add_slot(pool, 2)
+        add_lane(pool, old, "r1/a", streaming=True)
+        add_lane(pool, new, "r1/a", streaming=True)
         await asyncio.wait_for(pool.channels._retire(old), 1)
         assert pool.workers.route("r1/a").slot is new and old.channel.closed
     asyncio.run(run())
