@@ -24,6 +24,9 @@ libmodsecurity's own code, PCRE included, to "engine self").
 --py-spy adds a py-spy --native profile of the worker (mix, batch 5).
 --gap-ms G adds two ways at light load, batch 1: one request, then G ms
 idle, in-process (engine-gap) and through the worker (worker-gap).
+--variant NAME:K=V,K=V adds a way "worker-NAME": another worker, started
+with those settings in its environment (a lever to compare side by side;
+repeatable), driven exactly as "worker".
 --neighbour adds a way: engine-only again, with a cache-hungry
 process sharing its CPU, as HAProxy, the gateway and wrk share wafsvc's
 cores in `make bench` (which the engine-only setup there never does).
@@ -135,9 +138,11 @@ class InProcess:
 # -- one worker over gRPC -----------------------------------------------------
 
 class Worker:
-    def __init__(self, rules: str, crs_dir: str, work: pathlib.Path, cpus: set[int]) -> None:
+    def __init__(self, rules: str, crs_dir: str, work: pathlib.Path, cpus: set[int],
+                 env: dict[str, str] | None = None) -> None:
         spec = StackSpec(wafsvc_workers=1, log_dir=work / "wafsvc",
-                         wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning"})
+                         wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning",
+                                     **(env or {})})
         self.stack = Stack(spec)
         proc = self.stack.start_wafsvc(0)
         try:
@@ -311,10 +316,20 @@ def main() -> int:
     parser.add_argument("--py-spy", action="store_true", help="also a py-spy profile of the worker")
     parser.add_argument("--neighbour", action="store_true", help="also engine-only beside a cache-hungry process")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="also one request at a time, this long apart")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                        help="also a worker with these environment settings, as way worker-NAME")
+    parser.add_argument("--ways", default=",".join(WAYS), help="the base ways to run (engine is always one)")
     parser.add_argument("--crs-dir", default="")
     parser.add_argument("--out", type=pathlib.Path, help="also write the tables here (Markdown)")
     args = parser.parse_args()
-    ways = WAYS + (("neighbour",) if args.neighbour else ()) + (("engine-gap", "worker-gap") if args.gap_ms else ())
+    variants = {}
+    for item in args.variant:
+        name, _, settings = item.partition(":")
+        variants[f"worker-{name}"] = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    base = tuple(way for way in args.ways.split(",") if way)
+    gaps = (("engine-gap", "worker-gap") + tuple(f"{name}-gap" for name in variants)) if args.gap_ms else ()
+    ways = (("engine",) if "engine" not in base else ()) + base + tuple(variants) + (
+        ("neighbour",) if args.neighbour else ()) + gaps
     gap_s = args.gap_ms / 1000
     crs_dir = args.crs_dir or rulesets.default_crs_dir()
     cpus = sorted(os.sched_getaffinity(0))
@@ -326,7 +341,7 @@ def main() -> int:
     perf_dir = work if args.perf else None
     results: dict[tuple, list[dict]] = {}
     busy0, started = procstat.cpu_times(), time.time()
-    worker = Worker(args.rules, crs_dir, work, engine_cpus)
+    workers = {"worker": Worker(args.rules, crs_dir, work, engine_cpus)}
     in_process = InProcess(args.rules, crs_dir, engine_cpus)
     spy = ""
     try:
@@ -336,10 +351,13 @@ def main() -> int:
                     rep = {}
                     turn = repeat % len(ways)
                     for way in ways[turn:] + ways[:turn]:
-                        if way == "worker":
-                            figures = worker_window(worker, request_set, batch, args.seconds, perf_dir)
-                        elif way == "worker-gap":
-                            figures = worker_window(worker, request_set, 1, args.seconds, perf_dir, gap_s)
+                        target = way.removesuffix("-gap")
+                        if target in variants and target not in workers:
+                            workers[target] = Worker(args.rules, crs_dir, work / target, engine_cpus,
+                                                     variants[target])
+                        if target in workers:   # through a worker: at `batch`, or one at a time with gaps
+                            figures = worker_window(workers[target], request_set, 1 if way.endswith("-gap") else batch,
+                                                    args.seconds, perf_dir, gap_s if way.endswith("-gap") else 0.0)
                         elif way == "engine-gap":
                             figures = in_process.window(request_set, 0, args.seconds, perf_dir, gap_s)
                         elif way == "neighbour":
@@ -358,10 +376,11 @@ def main() -> int:
                                                              if "engine_us" in rep[way] else "")
                         for way in ways) + " us/req", file=sys.stderr, flush=True)
         if args.py_spy:
-            spy = py_spy(worker, 10, work)
+            spy = py_spy(workers["worker"], 10, work)
     finally:
         in_process.stop()
-        worker.stop()
+        for worker in workers.values():
+            worker.stop()
         shutil.rmtree(work, ignore_errors=True)
     busy = procstat.busy_between(busy0, procstat.cpu_times())
     lines = [f"# wafsvc's CPU beyond the engine ({args.rules}, benign mix)", "",
