@@ -21,7 +21,6 @@ still running after WAF_DRAIN_GRACE_MS are cut.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -43,6 +42,7 @@ from wafsvc.rules import RuleSetSpec, RulesError
 log = logging.getLogger("wafsvc")
 
 RESTART_BACKOFF_S = 0.5
+GRPC_EXPERIMENTS = "-event_engine_listener"
 
 
 def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
@@ -51,11 +51,12 @@ def rule_specs(config: WafConfig) -> dict[str, RuleSetSpec]:
     return {("" if name == apps.default else name): app.rules for name, app in apps.apps.items()}
 
 
-async def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -> None:
+def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -> None:
     from wafsvc.limits import Limited, Limits
     from wafsvc.metrics import observe
     from wafsvc.responses import Responses
-    from wafsvc.service import build_server, server_credentials, set_serving, worker_name
+    from wafsvc.rpc import Timers
+    from wafsvc.service import HOUSEKEEPING_S, build_server, server_credentials, set_serving, worker_name
 
     # Held transactions (response inspection) are this worker's own, so the
     # store is made here, after the fork.
@@ -65,53 +66,51 @@ async def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int 
     # bytes the engine would cut); refusals are counted by observe() too.
     checked = Limited(responses, Limits(config.max_headers, config.max_header_bytes, config.max_uri_bytes,
                                         config.max_body_bytes))
-    observed = observe(checked)  # metrics (WAF_METRICS) and per-request logs
     # Credentials are gRPC objects: built here, after the fork.
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert else None)
     token = read_secret(config.token_file) if config.token_file else ""
-    server, servicer, health = build_server(observed, config.listen, config.max_request_bytes,
-                                            replica_id, config.workers,
-                                            credentials=credentials, token=token)
+    timers = Timers()   # run by the server's loop
+    observed = observe(checked, timers.call_later)  # metrics (WAF_METRICS) and per-request logs
+    server, servicer = build_server(observed, config.listen, config.max_request_bytes, replica_id,
+                                    config.workers, credentials=credentials, token=token, timers=timers)
     # NOT_SERVING until this worker can answer: a health check never sees the
     # replica ready before its rules are in place.
-    await set_serving(health, False)
-    await server.start()
-    await set_serving(health, True)
+    set_serving(server, False)
+    server.start()
+    set_serving(server, True)
     log.info("worker serving", extra={"listen": config.listen, "worker": servicer.worker_id})
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    drain = {}
+
+    def stop() -> None:
+        if drain:
+            return
+        drain["started"] = time.monotonic()
+        # NOT_SERVING first (in drain()), so health-checking balancers stop
+        # sending; then refuse new calls and end each stream once it has
+        # answered what it read.
+        servicer.draining = True
+        server.drain(config.drain_grace_ms / 1000)
+
     def reload_and_report() -> None:
         if reload(engine, config):
             observed.sync_rules()
         # Done, either way: the supervisor tells the next worker (wafsvc/rollout.py).
         if parent and os.getppid() == parent:
             os.kill(parent, signal.SIGUSR1)
-    loop.add_signal_handler(signal.SIGHUP, reload_and_report)
-    housekeeping = asyncio.create_task(servicer.housekeeping())
-    watchdog = None
+
+    server.on_signal(signal.SIGTERM, stop)
+    server.on_signal(signal.SIGINT, stop)
+    server.on_signal(signal.SIGHUP, reload_and_report)
+    timers.every(HOUSEKEEPING_S, servicer.housekeeping)
     if config.worker_max_rss_mb:
-        watchdog = asyncio.create_task(watch_rss(config.worker_max_rss_mb, stopping))
-    await stopping.wait()
-    if watchdog is not None:
-        watchdog.cancel()
-    started = time.monotonic()
-    # NOT_SERVING first, so health-checking balancers stop sending; then
-    # refuse new calls and end each stream once it has answered what it read.
-    servicer.draining = True
-    await set_serving(health, False)
-    stop = asyncio.ensure_future(server.stop(config.drain_grace_ms / 1000))
-    await asyncio.sleep(0)  # let stop() send GOAWAY before the streams end
-    servicer.drain()
-    await stop
-    housekeeping.cancel()
+        timers.every(RSS_CHECK_INTERVAL_S, lambda: over_rss(config.worker_max_rss_mb) and stop())
+    server.run()
     responses.close_all()  # their audit entries are written; late responses miss
     observed.flush()  # counts tallied since the last flush
     log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
                                       "evaluations": servicer.evaluations,
-                                      "drain_seconds": round(time.monotonic() - started, 3)})
+                                      "drain_seconds": round(time.monotonic() - drain.get("started", 0), 3)})
 
 
 RSS_CHECK_INTERVAL_S = 1.0
@@ -123,17 +122,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-async def watch_rss(limit_mb: int, stopping: asyncio.Event) -> None:
-    """Recycles a worker that grew past its memory limit: it drains like on
+def over_rss(limit_mb: int) -> bool:
+    """A worker grown past its memory limit is recycled: it drains like on
     SIGTERM and exits; the supervisor forks a fresh one from the loaded rules."""
-    while not stopping.is_set():
-        rss = rss_bytes()
-        if rss > limit_mb * 1024 * 1024:
-            log.error("worker over its memory limit; draining and restarting",
-                      extra={"rss_mb": rss // (1024 * 1024), "limit_mb": limit_mb})
-            stopping.set()
-            return
-        await asyncio.sleep(RSS_CHECK_INTERVAL_S)
+    rss = rss_bytes()
+    if rss <= limit_mb * 1024 * 1024:
+        return False
+    log.error("worker over its memory limit; draining and restarting",
+              extra={"rss_mb": rss // (1024 * 1024), "limit_mb": limit_mb})
+    return True
 
 
 def reload(engine: Engine, config: WafConfig) -> bool:
@@ -165,8 +162,7 @@ def run_worker(config: WafConfig, engine: Engine, replica_id: str, parent: int) 
     die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
-        import uvloop
-        uvloop.run(serve(config, engine, replica_id, parent))
+        serve(config, engine, replica_id, parent)
     except Exception:
         log.exception("worker failed")
         return 1
@@ -336,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     if exporter is not None:
         # The supervisor's own gauge too: livemin would take its unset 0.
         exporter.metrics.rules(engine.loaded)
+    # Inherited by the workers: gRPC's own poller reads the sockets on the
+    # thread that waits for events, the one that runs the handlers
+    # (wafsvc/rpc.py). A GRPC_EXPERIMENTS of the operator's own stays.
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     supervisor = Supervisor(config, engine)
     supervisor.exporter = exporter
     return supervisor.run()

@@ -81,7 +81,7 @@ OPTIONS = (
            "(e.g. '942100;920350 942100')", _ignore_lists),
     Option("ignore_new_lists_per_min", "WAF_IGNORE_NEW_LISTS_PER_MIN", 6,
            "ignored-rule lists not in WAF_IGNORE_PRELOAD that one worker compiles on demand per minute "
-           "(~70 ms each with CRS, on its event loop); beyond it they are refused (IGNORE_LIST_REFUSED); "
+           "(~70 ms each with CRS, on its server loop); beyond it they are refused (IGNORE_LIST_REFUSED); "
            "0 = preloaded lists only", int),
     Option("max_request_bytes", "WAF_MAX_REQUEST_BYTES", 4 * 1024 * 1024,
            "largest gRPC message accepted", int),

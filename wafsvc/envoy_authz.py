@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from wafapi import waf_pb2
-from wafsvc import envoy_map
+from wafsvc import envoy_map, rpc
 from wafsvc.errors import EvaluationFailed
+from wafsvc.service import refusal
 
 log = logging.getLogger("wafsvc.envoy")
 
@@ -109,30 +109,29 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, engine) -> None:
         self.engine = engine   # wafsvc.metrics.ObservedEngine: counts and logs every verdict
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext):
+    def Check(self, request: external_auth_pb2.CheckRequest, call: rpc.Call):
         try:
-            app, ignore = envoy_map.selection(context.invocation_metadata())
+            app, ignore = envoy_map.selection(call.invocation_metadata())
             limits = getattr(self.engine, "limits", None)   # wafsvc.limits.Limited checks the rest
             req = evaluate_request(request, app, ignore, limits.max_body_bytes if limits else 0)
             verdict = self.engine.evaluate(req)
         except EvaluationFailed as exc:
-            return await self._fail(context, exc)
+            raise self._fail(exc) from None
         except Exception as exc:  # a bug: fail the call (Envoy's failure mode decides), never pass it
             log.exception("ext_authz check failed unexpectedly")
-            return await self._fail(context, EvaluationFailed("INTERNAL", f"unexpected {type(exc).__name__}",
-                                                              waf_pb2.ENGINE_ERROR))
+            raise self._fail(EvaluationFailed("INTERNAL", f"unexpected {type(exc).__name__}",
+                                              waf_pb2.ENGINE_ERROR)) from None
         if envoy_map.blocked(verdict):
             self.engine.envoy_call(API, "denied")
             return denied(verdict)
         self.engine.envoy_call(API, "allowed")
         return ALLOWED
 
-    async def _fail(self, context, exc: EvaluationFailed):
+    def _fail(self, exc: EvaluationFailed) -> rpc.Abort:
         self.engine.envoy_call(API, "error")
-        await context.abort(getattr(grpc.StatusCode, exc.code), exc.message,
-                            trailing_metadata=(("x-waf-error-reason", exc.reason_name),))
+        return refusal(exc)
 
 
-def add_to_server(server: grpc.aio.Server, engine) -> str:
+def add_to_server(server: rpc.Server, engine) -> str:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(engine), server)
     return SERVICE_NAME

@@ -48,16 +48,16 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb, external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
 from wafapi import waf_pb2
-from wafsvc import envoy_map
+from wafsvc import envoy_map, rpc
 from wafsvc.errors import EvaluationFailed
 from wafsvc.limits import check_request, check_response
+from wafsvc.service import refusal
 from wafsvc.transaction import TransactionStateError
 
 log = logging.getLogger("wafsvc.envoy")
@@ -291,44 +291,68 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self.engine = engine   # wafsvc.metrics.ObservedEngine: counts and logs every verdict
         self.streams = 0       # open now
 
-    async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
-        exchange = None
-        failure = None
-        self.streams += 1
+    def Process(self, call: rpc.Call) -> "ProcessStream":
+        stream = ProcessStream(self)
         try:
-            metadata = context.invocation_metadata()
+            metadata = call.invocation_metadata()
             app, ignore = envoy_map.selection(metadata)
             debug = any(key == DEBUG_METADATA and value in ("1", b"1") for key, value in metadata or ())
-            exchange = Exchange(self.engine, app, ignore, debug)
-            async for msg in request_iterator:
-                answer = exchange.handle(msg)
-                yield answer
-                if answer.HasField("immediate_response"):
-                    return   # Envoy ends the stream; nothing more will come
-        except EvaluationFailed as exc:
+            stream.exchange = Exchange(self.engine, app, ignore, debug)
+        except Exception as exc:
+            raise stream.fail(exc) from None
+        self.streams += 1
+        return stream
+
+
+class ProcessStream(rpc.Session):
+    """One ext_proc stream: one HTTP request and its response. It is not
+    ended early when the worker drains (Envoy's request would fail): it runs
+    until Envoy ends it or the grace period does."""
+    drains = False
+
+    def __init__(self, servicer: ExternalProcessorServicer) -> None:
+        self.engine = servicer.engine
+        self.servicer = servicer
+        self.exchange: Exchange | None = None
+        self.failure: EvaluationFailed | None = None
+
+    def receive(self, msg: pb.ProcessingRequest):
+        try:
+            answer = self.exchange.handle(msg)
+        except Exception as exc:
+            raise self.fail(exc) from None
+        if answer.HasField("immediate_response"):
+            self.ended = True   # Envoy ends the stream; nothing more will come
+        return (answer,)
+
+    def fail(self, exc: Exception) -> rpc.Abort:
+        """The stream's end with the failure's code and reason, counted and
+        logged (Envoy's failure mode then decides)."""
+        if isinstance(exc, EvaluationFailed):
             failure = exc
-        except TransactionStateError as exc:
+        elif isinstance(exc, TransactionStateError):
             failure = EvaluationFailed("FAILED_PRECONDITION", str(exc), waf_pb2.FIELD_INVALID)
-        except Exception as exc:  # a bug: fail the stream (Envoy's failure mode decides), never pass it
-            log.exception("ext_proc stream failed unexpectedly")
+        else:  # a bug: fail the stream, never pass it
+            log.error("ext_proc stream failed unexpectedly", exc_info=exc)
             failure = EvaluationFailed("INTERNAL", f"unexpected {type(exc).__name__}", waf_pb2.ENGINE_ERROR)
-        finally:
-            self.streams -= 1
-            if exchange is not None:
-                try:
-                    exchange.close()
-                except Exception:
-                    log.exception("ext_proc: closing the transaction failed")
-            if failure is None:
-                self.engine.envoy_call(API, exchange.result if exchange is not None else "abandoned")
-        if failure is None:
-            return
+        self.failure = failure
+        exchange = self.exchange
         self.engine.envoy_call(API, "error")
         self.engine.failed(exchange.app if exchange else "", exchange.request_id if exchange else "", failure)
-        await context.abort(getattr(grpc.StatusCode, failure.code), failure.message,
-                            trailing_metadata=(("x-waf-error-reason", failure.reason_name),))
+        return refusal(failure)
+
+    def close(self) -> None:
+        self.servicer.streams -= 1
+        exchange = self.exchange
+        if exchange is not None:
+            try:
+                exchange.close()
+            except Exception:
+                log.exception("ext_proc: closing the transaction failed")
+        if self.failure is None:
+            self.engine.envoy_call(API, exchange.result if exchange is not None else "abandoned")
 
 
-def add_to_server(server: grpc.aio.Server, engine) -> str:
+def add_to_server(server: rpc.Server, engine) -> str:
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorServicer(engine), server)
     return SERVICE_NAME

@@ -16,7 +16,6 @@ service is unchanged and metrics cost one extra call.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import os
@@ -107,13 +106,15 @@ class ObservedEngine:
 
     Metrics are tallied in plain dicts per request (well under a
     microsecond) and written to the shared files at most every FLUSH_S, from
-    the event loop: a multiprocess increment costs ~4 us (lock, getpid,
+    the server loop: a multiprocess increment costs ~4 us (lock, getpid,
     mmap write), and a blocked CRS request touches six or more series.
     """
 
-    def __init__(self, engine, metrics: WafMetrics | None) -> None:
+    def __init__(self, engine, metrics: WafMetrics | None,
+                 later: Callable[[float, Callable[[], None]], None] | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._later = later   # the server's call_later; without one (tools, tests) tallies are written at once
         self._info = log.isEnabledFor(logging.INFO)
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._children: dict = {}
@@ -217,7 +218,7 @@ class ObservedEngine:
             self._schedule_flush()
 
     def housekeeping(self) -> None:
-        """Every second, from the worker's event loop: expired held
+        """Every second, from the worker's server loop: expired held
         transactions end, and the gauges and counts reach the shared files."""
         sweep = getattr(self._engine, "sweep", None)
         if sweep is not None:
@@ -281,13 +282,11 @@ class ObservedEngine:
     def _schedule_flush(self) -> None:
         if self._flush_scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:     # called outside a server (tests, tools): write now
+        if self._later is None:
             self.flush()
             return
         self._flush_scheduled = True
-        loop.call_later(FLUSH_S, self.flush)
+        self._later(FLUSH_S, self.flush)
 
     def _failed(self, req, exc: EvaluationFailed) -> None:
         self.failed(req.application, req.transaction_id, exc)
@@ -331,8 +330,8 @@ class ObservedEngine:
         return event
 
 
-def observe(engine) -> ObservedEngine:
-    return ObservedEngine(engine, ACTIVE)
+def observe(engine, later: Callable[[float, Callable[[], None]], None] | None = None) -> ObservedEngine:
+    return ObservedEngine(engine, ACTIVE, later)
 
 
 def _collector(path: str):

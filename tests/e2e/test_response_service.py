@@ -271,8 +271,9 @@ def test_200k_unanswered_transactions_keep_the_worker_bounded(light_waf):
 def test_a_draining_worker_keeps_nothing_new_but_answers_what_it_holds():
     """A worker about to exit refuses to keep new transactions (DRAINING,
     retryable: a live worker takes them) and still answers the responses of
-    those it holds. A real server on a socket, in this process."""
-    import asyncio
+    those it holds. A real server on a socket, served by a thread of this
+    process."""
+    import threading
 
     from wafsvc.engine import Engine
     from wafsvc.responses import Responses
@@ -281,26 +282,25 @@ def test_a_draining_worker_keeps_nothing_new_but_answers_what_it_holds():
 
     engine = Engine({"": RuleSetSpec(base_conf=str(ROOT / "rules" / "modsecurity.conf"),
                                      rules_file=str(ROOT / "rules" / "block-localhost.conf"))})
-
-    async def run():
-        port = free_port()
-        server, servicer, _ = build_server(Responses(engine, worker_name("drain-test"), 35000, 10),
-                                           f"127.0.0.1:{port}", 1 << 20, "drain-test")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = waf_pb2_grpc.WafStub(channel)
-                held = (await stub.Evaluate(request(), timeout=10)).transaction_handle
-                servicer.draining = True
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Evaluate(request(), timeout=10)
-                plain = await stub.Evaluate(request(inspect_response=False), timeout=10)
-                answered = await stub.EvaluateResponse(response(held), timeout=10)
-                return refused.value, plain, answered
-        finally:
-            await server.stop(0)
-
-    refused, plain, answered = asyncio.run(run())
-    assert refused.code() == grpc.StatusCode.UNAVAILABLE
-    assert dict(refused.trailing_metadata())[REASON] == "DRAINING"
+    port = free_port()
+    server, servicer = build_server(Responses(engine, worker_name("drain-test"), 35000, 10),
+                                    f"127.0.0.1:{port}", 1 << 20, "drain-test")
+    server.start()
+    loop = threading.Thread(target=server.run)
+    loop.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = waf_pb2_grpc.WafStub(channel)
+            held = stub.Evaluate(request(), timeout=10).transaction_handle
+            servicer.draining = True
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Evaluate(request(), timeout=10)
+            plain = stub.Evaluate(request(inspect_response=False), timeout=10)
+            answered = stub.EvaluateResponse(response(held), timeout=10)
+    finally:
+        server.soon(server.stop)
+        loop.join(10)
+    assert not loop.is_alive()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(refused.value.trailing_metadata())[REASON] == "DRAINING"
     assert plain.action == waf_pb2.ACTION_PASS and answered.action == waf_pb2.ACTION_PASS

@@ -11,6 +11,7 @@ import json
 import logging
 import pathlib
 import re
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -383,18 +384,21 @@ def test_tallied_histogram_equals_observe():
 
 
 def test_tallies_reach_the_metrics_within_the_flush_interval():
-    import asyncio
+    from wafsvc.rpc import Timers
     registry = CollectorRegistry()
     verdicts = [waf_pb2.Verdict(intervention=True, matches=[waf_pb2.RuleMatch(id=942100)])] * 3
-    observed = waf_metrics.ObservedEngine(_FixedEngine(verdicts), waf_metrics.WafMetrics(registry))
-
-    async def run():
-        for _ in range(3):
-            observed.evaluate(_request("10.0.0.1"))
-        before = value(registry, "modsec_waf_evaluations_total", app="default", verdict="block")
-        await asyncio.sleep(waf_metrics.FLUSH_S * 2)
-        return before
-    assert asyncio.run(run()) == 0     # tallied on the hot path, not yet written
+    timers = Timers()
+    observed = waf_metrics.ObservedEngine(_FixedEngine(verdicts), waf_metrics.WafMetrics(registry),
+                                          timers.call_later)
+    for _ in range(3):
+        observed.evaluate(_request("10.0.0.1"))
+    # Tallied on the hot path, not yet written; one flush is due within FLUSH_S.
+    assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 0
+    assert 0 < timers.wait_s(10.0) <= waf_metrics.FLUSH_S
+    time.sleep(timers.wait_s(10.0))
+    due = timers.due()
+    assert len(due) == 1
+    due[0]()
     assert value(registry, "modsec_waf_evaluations_total", app="default", verdict="block") == 3
     assert value(registry, "modsec_waf_rule_matches_total", app="default", rule_id="942100",
                  outcome="blocked") == 3
