@@ -26,7 +26,9 @@ libmodsecurity's own code, PCRE included, to "engine self").
 idle, in-process (engine-gap) and through the worker (worker-gap).
 --variant NAME:K=V,K=V adds a way "worker-NAME": another worker, started
 with those settings in its environment (a lever to compare side by side;
-repeatable), driven exactly as "worker".
+repeatable), driven exactly as "worker". --baseline PATH adds the way
+"worker-baseline": a worker run from another checkout (`git worktree add
+/tmp/base main`), to compare code.
 --neighbour adds a way: engine-only again, with a cache-hungry
 process sharing its CPU, as HAProxy, the gateway and wrk share wafsvc's
 cores in `make bench` (which the engine-only setup there never does).
@@ -139,8 +141,8 @@ class InProcess:
 
 class Worker:
     def __init__(self, rules: str, crs_dir: str, work: pathlib.Path, cpus: set[int],
-                 env: dict[str, str] | None = None) -> None:
-        spec = StackSpec(wafsvc_workers=1, log_dir=work / "wafsvc",
+                 env: dict[str, str] | None = None, code_root: pathlib.Path = ROOT) -> None:
+        spec = StackSpec(wafsvc_workers=1, log_dir=work / "wafsvc", code_root=code_root,
                          wafsvc_env={**rulesets.wafsvc_env(rules, crs_dir), "LOG_LEVEL": "warning",
                                      **(env or {})})
         self.stack = Stack(spec)
@@ -318,6 +320,7 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=0.0, help="also one request at a time, this long apart")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
                         help="also a worker with these environment settings, as way worker-NAME")
+    parser.add_argument("--baseline", type=pathlib.Path, help="also a worker run from this checkout")
     parser.add_argument("--ways", default=",".join(WAYS), help="the base ways to run (engine is always one)")
     parser.add_argument("--crs-dir", default="")
     parser.add_argument("--out", type=pathlib.Path, help="also write the tables here (Markdown)")
@@ -326,6 +329,9 @@ def main() -> int:
     for item in args.variant:
         name, _, settings = item.partition(":")
         variants[f"worker-{name}"] = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    roots = {name: ROOT for name in variants}
+    if args.baseline:
+        variants["worker-baseline"], roots["worker-baseline"] = {}, args.baseline.resolve()
     base = tuple(way for way in args.ways.split(",") if way)
     gaps = (("engine-gap", "worker-gap") + tuple(f"{name}-gap" for name in variants)) if args.gap_ms else ()
     ways = (("engine",) if "engine" not in base else ()) + base + tuple(variants) + (
@@ -354,7 +360,7 @@ def main() -> int:
                         target = way.removesuffix("-gap")
                         if target in variants and target not in workers:
                             workers[target] = Worker(args.rules, crs_dir, work / target, engine_cpus,
-                                                     variants[target])
+                                                     variants[target], roots[target])
                         if target in workers:   # through a worker: at `batch`, or one at a time with gaps
                             figures = worker_window(workers[target], request_set, 1 if way.endswith("-gap") else batch,
                                                     args.seconds, perf_dir, gap_s if way.endswith("-gap") else 0.0)

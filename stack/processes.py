@@ -105,6 +105,8 @@ class StackSpec:
     haproxy_cfg: pathlib.Path = HAPROXY_DIR / "haproxy.cfg"
     spoe_conf: pathlib.Path = HAPROXY_DIR / "spoe-modsecurity.conf"
     log_dir: pathlib.Path | None = None  # None: inherit the terminal
+    # Where the Python services run from: another checkout compares code side by side.
+    code_root: pathlib.Path = ROOT
 
 
 class Stack:
@@ -115,7 +117,8 @@ class Stack:
 
     # -- one process -----------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+        root = self.spec.code_root
+        full_env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1", **env}
         if self.spec.log_dir is not None:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.spec.log_dir / f"{name}.log", "ab")
@@ -124,7 +127,7 @@ class Stack:
             out = None
         # Own session: Ctrl-C reaches only the launcher, which stops the
         # processes in order instead of all at once.
-        proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
+        proc = subprocess.Popen(argv, env=full_env, cwd=root, stdout=out, stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
         self.procs.append((name, proc))
         return proc
