@@ -390,8 +390,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     busy = procstat.busy_between(busy0, procstat.cpu_times())
     lines = [f"# wafsvc's CPU beyond the engine ({args.rules}, benign mix)", "",
-             f"`scripts/wafsvc_cost.py --rules {args.rules} --seconds {args.seconds:g} --repeats {args.repeats}"
-             f"{' --perf' if args.perf else ''}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+             f"`scripts/wafsvc_cost.py {' '.join(sys.argv[1:])}`, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
              f"{(time.time() - started) / 60:.0f} min; machine busy {busy:.0%} over the run (all processes, "
              f"{len(cpus)} CPUs). Medians over the repetitions; CPU per request is user+system; \"− engine-only\" "
              "is the median of the differences to the engine-only window of the same repetition.", ""]
