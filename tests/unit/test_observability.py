@@ -326,10 +326,18 @@ def test_dashboard_only_uses_metrics_and_labels_that_exist():
         for group in re.findall(r"by \(([^)]*)\)", expr):
             for label in (g.strip() for g in group.split(",")):
                 assert label in labels_known, f"label {label} in {expr!r}"
-    # Blocks per rule, latency quantiles, error rate and pool health are all there.
+    # Blocks per rule, latency quantiles, error rate, pool health, response
+    # inspection, Envoy's calls and refused SPOE messages are all there.
     for needed in ("modsec_gateway_rule_matches_total", "modsec_gateway_request_duration_seconds_bucket",
-                   "modsec_waf_engine_duration_seconds_bucket", "modsec_gateway_pool_workers"):
-        assert needed in used
+                   "modsec_waf_engine_duration_seconds_bucket", "modsec_gateway_pool_workers",
+                   "modsec_gateway_response_evaluations_total", "modsec_gateway_response_misses_total",
+                   "modsec_waf_response_misses_total", "modsec_waf_held_transactions",
+                   "modsec_waf_held_transaction_evictions_total", "modsec_waf_envoy_calls_total",
+                   "modsec_gateway_invalid_messages_total"):
+        assert needed in used, needed
+    # Per application, and truncated bodies, are panels of their own.
+    assert any("by (app" in e and "modsec_gateway_evaluations_total" in e for e in exprs)
+    assert any('reason="body_truncated"' in e for e in exprs)
 
 
 def test_docs_document_every_metric():
