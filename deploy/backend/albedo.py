@@ -194,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
             log.info("%s", spec["logMessage"])
         headers = dict(spec.get("headers") or {})
         if body and not any(name.lower() == "content-type" for name in headers):
-            headers["Content-Type"] = sniff(body)
+            headers["Content-Type"] = detect_content_type(body)
         self._send(status, body, headers)
 
     def handle_any(self) -> None:
@@ -244,30 +244,6 @@ class Handler(BaseHTTPRequestHandler):
         if name.startswith("do_"):
             return self.handle_any
         raise AttributeError(name)
-
-
-# net/http/sniff.go, the part text bodies reach: HTML signatures (any case,
-# after leading whitespace, then a space or '>'), XML, else text unless binary.
-HTML_SIGNATURES = (b"<!DOCTYPE HTML", b"<HTML", b"<HEAD", b"<SCRIPT", b"<IFRAME", b"<H1", b"<DIV", b"<FONT",
-                   b"<TABLE", b"<A", b"<STYLE", b"<TITLE", b"<B", b"<BODY", b"<BR", b"<P", b"<!--")
-BINARY = set(range(0x00, 0x09)) | {0x0B} | set(range(0x0E, 0x1B)) | set(range(0x1C, 0x20))
-
-
-def sniff(body: bytes) -> str:
-    data = body[:512]
-    stripped = data.lstrip(b"\t\n\x0c\r ")
-    for sig in HTML_SIGNATURES:
-        if stripped.upper().startswith(sig) and len(stripped) > len(sig) and stripped[len(sig)] in b" >":
-            return "text/html; charset=utf-8"
-    if stripped.startswith(b"<?xml"):
-        return "text/xml; charset=utf-8"
-    if data.startswith(b"%PDF-"):
-        return "application/pdf"
-    if data.startswith((b"\xfe\xff", b"\xff\xfe")):
-        return "text/plain; charset=utf-16"
-    if not data.startswith(b"\xef\xbb\xbf") and any(byte in BINARY for byte in data):
-        return "application/octet-stream"
-    return "text/plain; charset=utf-8"
 
 
 class Server(ThreadingHTTPServer):
