@@ -2,10 +2,10 @@
 
 Most ACKs are the same bytes: a pass is always intervention 0, status 0,
 action pass; a CRS block is intervention 1, status 403, action deny plus its
-rule ids. The decision part (the first mapping.DECISION_VARS variables) is
+rule ids. The decision part (the first setvars.DECISION_VARS variables) is
 cached per (intervention, status, action); only rule ids, message and
 redirect are encoded per request. The result equals
-encode_actions(mapping.verdict_actions(verdict)) byte for byte
+encode_actions(setvars.verdict_actions(verdict)) byte for byte
 (tests/unit/test_notify.py).
 
 body_truncated (res_body_truncated) costs a whole body nothing: wafsvc
@@ -17,7 +17,7 @@ gateway's own detection (RequestContext.body_truncated) sets it.
 
 from __future__ import annotations
 
-from gateway import mapping, responses
+from gateway import responses, setvars
 from gateway.failures import MissReason
 from gateway.responses import MissPolicy
 from gateway.spop import Scope, SetVar, encode_actions
@@ -35,7 +35,7 @@ class AckEncoder:
         self._response_failures: dict[tuple[str, bool], tuple[bytes, bytes]] = {}
         self._misses: dict[tuple, bytes] = {}
         # (truncated, session) -> the encoded flag; b"" for a whole body outside the original agent's message
-        self._truncation = {(cut, session): encode_actions(mapping.truncation_actions(cut, session))
+        self._truncation = {(cut, session): encode_actions(setvars.truncation_actions(cut, session))
                             for cut in (False, True) for session in (False, True)}
         self._res_truncation = encode_actions(responses.truncation_actions(True))
 
@@ -45,7 +45,7 @@ class AckEncoder:
         head = self._decisions.get(key)
         if head is None:
             head = self._decisions[key] = encode_actions(
-                mapping.verdict_actions(waf_pb2.Verdict(intervention=verdict.intervention, status=verdict.status,
+                setvars.verdict_actions(waf_pb2.Verdict(intervention=verdict.intervention, status=verdict.status,
                                                         action=verdict.action)))
         return head
 
@@ -54,7 +54,7 @@ class AckEncoder:
         truncation flag: what an ACK too big for the frame keeps."""
         head = self.decision(verdict)
         if verdict.transaction_handle:
-            head += encode_actions((SetVar(Scope.TRANSACTION, mapping.VAR_HANDLE, verdict.transaction_handle),))
+            head += encode_actions((SetVar(Scope.TRANSACTION, setvars.VAR_HANDLE, verdict.transaction_handle),))
         return head + self._truncation[verdict.body_truncated, session]
 
     def verdict(self, verdict: waf_pb2.Verdict, session: bool = False) -> bytes:
@@ -62,7 +62,7 @@ class AckEncoder:
         also carries sess.modsec.body_truncated."""
         head = self.decision(verdict)
         if verdict.transaction_handle:  # kept for its response: haproxy.cfg sends it with the handle
-            head += encode_actions((SetVar(Scope.TRANSACTION, mapping.VAR_HANDLE, verdict.transaction_handle),))
+            head += encode_actions((SetVar(Scope.TRANSACTION, setvars.VAR_HANDLE, verdict.transaction_handle),))
         matches = verdict.matches
         if not matches and not verdict.redirect_url:  # no match: the body was not cut (99010 would be here)
             return head + self._truncation[False, True] if session else head
@@ -70,10 +70,10 @@ class AckEncoder:
             head += self._truncation[verdict.body_truncated, session]
         details = []
         if verdict.redirect_url:
-            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_REDIRECT, verdict.redirect_url))
+            details.append(SetVar(Scope.TRANSACTION, setvars.VAR_REDIRECT, verdict.redirect_url))
         if matches:
-            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_RULES, " ".join(str(m.id) for m in matches)))
-            details.append(SetVar(Scope.TRANSACTION, mapping.VAR_MESSAGE, matches[0].message))
+            details.append(SetVar(Scope.TRANSACTION, setvars.VAR_RULES, " ".join(str(m.id) for m in matches)))
+            details.append(SetVar(Scope.TRANSACTION, setvars.VAR_MESSAGE, matches[0].message))
         return head + encode_actions(details)
 
     def truncation(self, truncated: bool, session: bool = False) -> bytes:
@@ -86,8 +86,8 @@ class AckEncoder:
         closed = self.fail_closed if fail_closed is None else fail_closed
         cached = self._failures.get((reason, closed))
         if cached is None:
-            actions = mapping.failure_actions(reason, closed)
-            cached = (encode_actions(actions), encode_actions(actions[:mapping.DECISION_VARS]))
+            actions = setvars.failure_actions(reason, closed)
+            cached = (encode_actions(actions), encode_actions(actions[:setvars.DECISION_VARS]))
             if len(self._failures) < MAX_CACHED_FAILURES:
                 self._failures[(reason, closed)] = cached
         return cached

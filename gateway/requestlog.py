@@ -12,7 +12,7 @@ import difflib
 import logging
 import time
 
-from gateway import mapping
+from gateway import mapping, setvars
 from gateway.server import GatewayHooks
 
 log = logging.getLogger("gateway.requests")
@@ -40,7 +40,7 @@ class RequestLog(GatewayHooks):
             return
         event = {"unique_id": context.unique_id, "frontend": context.frontend,
                  "app": verdict.application or context.app,
-                 "status": verdict.status, "action": mapping.ACTION_NAMES.get(verdict.action, "pass"),
+                 "status": verdict.status, "action": setvars.ACTION_NAMES.get(verdict.action, "pass"),
                  "rules": [m.id for m in verdict.matches], "ms": round(seconds * 1000, 3)}
         if context.body_truncated:
             event["body_truncated"] = True
@@ -57,7 +57,7 @@ class RequestLog(GatewayHooks):
         if not (self.debug or (self.info and verdict.intervention)):
             return
         event = {"unique_id": context.unique_id, "frontend": context.frontend, "app": context.app,
-                 "status": verdict.status, "action": mapping.ACTION_NAMES.get(verdict.action, "pass"),
+                 "status": verdict.status, "action": setvars.ACTION_NAMES.get(verdict.action, "pass"),
                  "rules": [m.id for m in verdict.matches], "ms": round(seconds * 1000, 3)}
         if context.body_truncated:
             event["body_truncated"] = True

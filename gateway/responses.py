@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from gateway import mapping
+from gateway import mapping, setvars
 from gateway.failures import MissReason
 from gateway.mapping import (CHECK_RESPONSE, InvalidMessage, Problem, RequestContext, _fields, _int, _raw,
                              _text)
@@ -118,16 +118,16 @@ def verdict_actions(verdict: waf_pb2.Verdict) -> list:
     """A response's verdict. The first DECISION_VARS
     actions carry the decision."""
     actions = [
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_INTERVENTION, int(verdict.intervention)),
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_STATUS, verdict.status),
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_ACTION, mapping.ACTION_NAMES.get(verdict.action, "pass")),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_INTERVENTION, int(verdict.intervention)),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_STATUS, verdict.status),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_ACTION, setvars.ACTION_NAMES.get(verdict.action, "pass")),
     ]
     actions.extend(truncation_actions(verdict.body_truncated))
     if verdict.redirect_url:
-        actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_REDIRECT, verdict.redirect_url))
+        actions.append(SetVar(Scope.TRANSACTION, setvars.VAR_RES_REDIRECT, verdict.redirect_url))
     if verdict.matches:
-        actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_RULES, " ".join(str(m.id) for m in verdict.matches)))
-        actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_MESSAGE, verdict.matches[0].message))
+        actions.append(SetVar(Scope.TRANSACTION, setvars.VAR_RES_RULES, " ".join(str(m.id) for m in verdict.matches)))
+        actions.append(SetVar(Scope.TRANSACTION, setvars.VAR_RES_MESSAGE, verdict.matches[0].message))
     return actions
 
 
@@ -138,19 +138,19 @@ def truncation_actions(truncated: bool) -> list:
     """res_body_truncated, only when the response body was cut (as the
     request's body_truncated): from the verdict, or with no verdict (a miss,
     a failure) from the gateway's own detection."""
-    return [SetVar(Scope.TRANSACTION, mapping.VAR_RES_BODY_TRUNCATED, 1)] if truncated else []
+    return [SetVar(Scope.TRANSACTION, setvars.VAR_RES_BODY_TRUNCATED, 1)] if truncated else []
 
 
 def _no_verdict(block: bool, reason: str, miss: bool) -> list:
     actions = [
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_INTERVENTION, int(block)),
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_STATUS, DENY_STATUS if block else 0),
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_ACTION, "deny" if block else "pass"),
-        SetVar(Scope.TRANSACTION, mapping.VAR_RES_FAILED, 1),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_INTERVENTION, int(block)),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_STATUS, DENY_STATUS if block else 0),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_ACTION, "deny" if block else "pass"),
+        SetVar(Scope.TRANSACTION, setvars.VAR_RES_FAILED, 1),
     ]
     if miss:
-        actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_MISS, 1))
-    actions.append(SetVar(Scope.TRANSACTION, mapping.VAR_RES_ERROR, reason[:200]))
+        actions.append(SetVar(Scope.TRANSACTION, setvars.VAR_RES_MISS, 1))
+    actions.append(SetVar(Scope.TRANSACTION, setvars.VAR_RES_ERROR, reason[:200]))
     return actions
 
 

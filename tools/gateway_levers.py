@@ -7,7 +7,7 @@ runs now, side by side in one process.
 - NOTIFY to batch entry: frames.decode_payload + mapping.build_request +
   a BatchRequest serialized through upb, against NotifyDecoder (one pass
   straight into protobuf bytes) + protowire.batch_entry.
-- ACK: encode_ack(mapping.verdict_actions(v)) against AckEncoder's cached
+- ACK: encode_ack(setvars.verdict_actions(v)) against AckEncoder's cached
   decision bytes, for a pass and for a CRS-like block.
 - Metrics per verdict: prometheus_client children (a histogram observe and a
   labelled counter, as before) against the plain-int Tallies.
@@ -26,7 +26,7 @@ import time
 import timeit
 
 from bench import spop_driver
-from gateway import mapping
+from gateway import mapping, setvars
 from gateway.acks import AckEncoder
 from gateway.metrics import LATENCY_BUCKETS, Tallies
 from gateway.notify import NotifyDecoder
@@ -69,7 +69,7 @@ def measure() -> list[tuple[str, float, float]]:
             batch_entry(sid, decoder(sid, fid, body, pos).request)
 
     def reference_ack(verdict):
-        return lambda: [encode_ack(1000 + i, 1, mapping.verdict_actions(verdict)) for i in range(n)]
+        return lambda: [encode_ack(1000 + i, 1, setvars.verdict_actions(verdict)) for i in range(n)]
 
     encoder = AckEncoder(True)
 

@@ -3,7 +3,7 @@ and the ACKs it makes of it."""
 
 from __future__ import annotations
 
-from gateway import mapping
+from gateway import setvars
 from gateway.acks import AckEncoder
 from gateway.apps import AppPolicies
 from gateway.spop import encode_actions
@@ -48,7 +48,7 @@ def test_failure_acks_follow_the_policy_given():
     acks = AckEncoder(fail_closed=True)
     closed, _ = acks.failure("no verdict within the deadline")
     opened, decision = acks.failure("no verdict within the deadline", fail_closed=False)
-    assert closed == encode_actions(mapping.failure_actions("no verdict within the deadline", True))
-    assert opened == encode_actions(mapping.failure_actions("no verdict within the deadline", False))
-    assert decision == encode_actions(mapping.failure_actions("no verdict within the deadline", False)
-                                      [:mapping.DECISION_VARS])
+    assert closed == encode_actions(setvars.failure_actions("no verdict within the deadline", True))
+    assert opened == encode_actions(setvars.failure_actions("no verdict within the deadline", False))
+    assert decision == encode_actions(setvars.failure_actions("no verdict within the deadline", False)
+                                      [:setvars.DECISION_VARS])

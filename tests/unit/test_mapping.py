@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway import mapping
+from gateway import mapping, setvars
 from gateway.spop import Int32, Scope, SetVar, encode_hdrs_bin
 from wafapi import waf_pb2
 
@@ -157,28 +157,28 @@ def _vars(actions):
     session = [a for a in actions if a.scope == Scope.SESSION]
     assert len(session) == 1 and session[0].name == "intervention"
     assert type(session[0].value) is Int32 and session[0].value == txn["intervention"]
-    assert actions.index(session[0]) < mapping.DECISION_VARS   # kept when an ACK is too big
+    assert actions.index(session[0]) < setvars.DECISION_VARS   # kept when an ACK is too big
     return txn
 
 
 def test_blocking_verdict_becomes_variables():
     verdict = waf_pb2.Verdict(intervention=True, status=403, action=waf_pb2.ACTION_DENY, matches=[
         waf_pb2.RuleMatch(id=942100, message="SQL Injection"), waf_pb2.RuleMatch(id=949110, message="score")])
-    assert _vars(mapping.verdict_actions(verdict)) == {
+    assert _vars(setvars.verdict_actions(verdict)) == {
         "intervention": 1, "status": 403, "action": "deny", "rules": "942100 949110", "message": "SQL Injection"}
 
 
 def test_redirect_and_pass_verdicts():
     redirect = waf_pb2.Verdict(intervention=True, status=302, action=waf_pb2.ACTION_REDIRECT,
                                redirect_url="https://example.com/blocked")
-    assert _vars(mapping.verdict_actions(redirect))["redirect"] == "https://example.com/blocked"
-    passed = _vars(mapping.verdict_actions(waf_pb2.Verdict(action=waf_pb2.ACTION_PASS)))
+    assert _vars(setvars.verdict_actions(redirect))["redirect"] == "https://example.com/blocked"
+    passed = _vars(setvars.verdict_actions(waf_pb2.Verdict(action=waf_pb2.ACTION_PASS)))
     assert passed == {"intervention": 0, "status": 0, "action": "pass"}
 
 
 @pytest.mark.parametrize("closed", [True, False])
 def test_failure_policy_is_explicit_and_flagged(closed):
-    got = _vars(mapping.failure_actions("no verdict within the deadline", closed))
+    got = _vars(setvars.failure_actions("no verdict within the deadline", closed))
     assert got["failed"] == 1 and got["error"] == "no verdict within the deadline"
     assert got["intervention"] == int(closed) and got["status"] == (503 if closed else 0)
 

@@ -1,6 +1,6 @@
 """The one-pass NOTIFY decoder and the cached ACK encoder against the
 reference path (frames.decode_payload + mapping.build_request, and
-encode_actions(mapping.verdict_actions)): the same bytes, the same refusals,
+encode_actions(setvars.verdict_actions)): the same bytes, the same refusals,
 the same protocol errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bench import spop_driver
-from gateway import mapping, responses
+from gateway import mapping, responses, setvars
 from gateway.acks import AckEncoder
 from gateway.notify import NotifyDecoder
 from gateway.protowire import batch_entry, varint
@@ -191,17 +191,17 @@ _verdicts = st.builds(_cut, st.builds(
 def test_cached_acks_equal_the_reference(verdict, session):
     encoder = AckEncoder(True)
     for _ in range(2):  # the second time from the cache
-        reference = mapping.verdict_actions(verdict, session)
+        reference = setvars.verdict_actions(verdict, session)
         assert encoder.verdict(verdict, session) == encode_actions(reference)
-        assert encoder.decision(verdict) == encode_actions(reference[:mapping.DECISION_VARS])
-        details = len([a for a in reference if a.name in (mapping.VAR_REDIRECT, mapping.VAR_RULES,
-                                                          mapping.VAR_MESSAGE)])
+        assert encoder.decision(verdict) == encode_actions(reference[:setvars.DECISION_VARS])
+        details = len([a for a in reference if a.name in (setvars.VAR_REDIRECT, setvars.VAR_RULES,
+                                                          setvars.VAR_MESSAGE)])
         assert encoder.short(verdict, session) == encode_actions(reference[:len(reference) - details])
 
 
 @pytest.mark.parametrize("closed", [True, False])
 def test_failure_acks_equal_the_reference(closed):
     actions, decision = AckEncoder(closed).failure("no verdict within the deadline")
-    reference = mapping.failure_actions("no verdict within the deadline", closed)
+    reference = setvars.failure_actions("no verdict within the deadline", closed)
     assert actions == encode_actions(reference)
-    assert decision == encode_actions(reference[:mapping.DECISION_VARS])
+    assert decision == encode_actions(reference[:setvars.DECISION_VARS])

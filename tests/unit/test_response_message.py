@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import mapping, responses
+from gateway import mapping, responses, setvars
 from gateway.acks import AckEncoder
 from gateway.failures import MISS_REASONS, Failure, MissReason, refusal
 from gateway.apps import AppPolicies
@@ -135,8 +135,8 @@ def test_the_request_verdict_carries_the_handle_even_when_its_details_do_not_fit
     verdict = _verdict(action=waf_pb2.ACTION_PASS, transaction_handle=HANDLE, transaction_ttl_ms=35000)
     verdict.matches.add(id=920350, message="Host header is a numeric IP address")
     acks = AckEncoder(fail_closed=True)
-    assert acks.verdict(verdict) == encode_actions(mapping.verdict_actions(verdict))
-    assert SetVar(Scope.TRANSACTION, "handle", HANDLE) in mapping.verdict_actions(verdict)
+    assert acks.verdict(verdict) == encode_actions(setvars.verdict_actions(verdict))
+    assert SetVar(Scope.TRANSACTION, "handle", HANDLE) in setvars.verdict_actions(verdict)
     assert acks.short(verdict) == acks.decision(verdict) + encode_actions([SetVar(Scope.TRANSACTION, "handle", HANDLE)])
     assert acks.short(_verdict(action=waf_pb2.ACTION_PASS)) == acks.decision(_verdict(action=waf_pb2.ACTION_PASS))
 

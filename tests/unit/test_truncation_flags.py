@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import mapping, responses
+from gateway import mapping, responses, setvars
 from gateway.acks import AckEncoder
 from gateway.failures import MissReason
 from gateway.notify import NotifyDecoder
@@ -43,8 +43,8 @@ def test_a_cut_request_body_sets_the_flag_and_a_whole_one_adds_nothing():
     acks = AckEncoder(fail_closed=True)
     whole, cut = _wafsvc_verdict(False), _wafsvc_verdict(True)
     assert acks.verdict(whole) == acks.decision(whole)              # the common answer: unchanged
-    assert TXN_FLAG in mapping.verdict_actions(cut) and TXN_FLAG not in mapping.verdict_actions(whole)
-    assert acks.verdict(cut) == encode_actions(mapping.verdict_actions(cut))
+    assert TXN_FLAG in setvars.verdict_actions(cut) and TXN_FLAG not in setvars.verdict_actions(whole)
+    assert acks.verdict(cut) == encode_actions(setvars.verdict_actions(cut))
     assert acks.short(cut) == acks.decision(cut) + encode_actions([TXN_FLAG])  # kept when the ACK is too big
 
 
@@ -52,7 +52,7 @@ def test_a_cut_request_body_sets_the_flag_and_a_whole_one_adds_nothing():
 def test_the_original_agents_message_gets_the_session_flag_on_every_answer(truncated):
     acks = AckEncoder(fail_closed=True)
     verdict = _wafsvc_verdict(truncated)
-    actions = mapping.verdict_actions(verdict, session=True)
+    actions = setvars.verdict_actions(verdict, session=True)
     assert SetVar(Scope.SESSION, "body_truncated", Int32(int(truncated))) in actions
     assert (TXN_FLAG in actions) is truncated
     assert acks.verdict(verdict, True) == encode_actions(actions)
