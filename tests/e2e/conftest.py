@@ -97,17 +97,26 @@ class Reply:
 
 
 def http_request(port: int, method: str = "GET", path: str = "/", headers=(), body: bytes | None = None,
-                 timeout: float = 10) -> Reply:
-    """Sends exactly the given headers (plus Host), raw bytes allowed."""
+                 timeout: float = 10, chunk_size: int = 0) -> Reply:
+    """Sends exactly the given headers (plus Host), raw bytes allowed; the
+    body with Content-Length, or chunked in pieces of chunk_size bytes."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         has_host = any(name.lower() == "host" for name, _ in headers)
         conn.putrequest(method, path, skip_host=has_host, skip_accept_encoding=True)
         for name, value in headers:
             conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
+        if body is not None and chunk_size:
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for at in range(0, len(body), chunk_size):
+                piece = body[at:at + chunk_size]
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.send(b"0\r\n\r\n")
+        else:
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
         resp = conn.getresponse()
         return Reply(resp.status, resp.headers, resp.read())
     finally:

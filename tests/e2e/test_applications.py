@@ -6,7 +6,6 @@ applications both ways, and validation."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import pathlib
@@ -142,25 +141,9 @@ def photo(size: int) -> bytes:
 
 
 def post(stack, host: str, body: bytes, content_type: str, chunked: bool = False, path: str = "/upload") -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", stack.spec.frontend_port, timeout=60)
-    try:
-        conn.putrequest("POST", path, skip_host=True, skip_accept_encoding=True)
-        for name, value in [("Host", host), *BROWSER, ("Content-Type", content_type)]:
-            conn.putheader(name, value)
-        if chunked:
-            conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            for at in range(0, len(body), 16384):
-                piece = body[at:at + 16384]
-                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-            conn.send(b"0\r\n\r\n")
-        else:
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+    headers = [("Host", host), *BROWSER, ("Content-Type", content_type)]
+    return http_request(stack.spec.frontend_port, "POST", path, headers, body, timeout=60,
+                        chunk_size=16384 if chunked else 0)
 
 
 def haproxy_line(stack, path: str) -> str:
