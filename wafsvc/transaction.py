@@ -30,8 +30,8 @@ Methods, in the order they may be called:
 - ``end_request(verdict=None, *, body_truncated=False, content_length=-1,
   keep=False) -> Verdict``: runs phase 2 and gives the request's verdict.
   A body cut short (body_truncated) is flagged and judged by the
-  application's policy; run_request also closes a cut multipart or JSON
-  body so that it parses (wafsvc/bodies.py): feed a cut body through
+  application's policy; run_request also closes a cut multipart, JSON or
+  XML body so that it parses (wafsvc/bodies.py): feed a cut body through
   ``bodies.close_cut_body`` before request_body() to get the same here.
   ``keep=False`` ends the transaction (logging runs first, so phase-5
   matches are in the verdict). ``keep=True`` leaves a request that passed
@@ -226,8 +226,8 @@ class Transaction:
                     if body:
                         self._request_bytes = len(body)
                         if req.body_truncated:
-                            # Closed where it was cut, so that multipart and
-                            # JSON parse (wafsvc/bodies.py).
+                            # Closed where it was cut, so that multipart, JSON
+                            # and XML parse (wafsvc/bodies.py).
                             body = close_cut_body(content_type_of((h.name, h.value) for h in req.headers), body)
                         tx.append_request_body(body)
                     tx.process_request_body()
