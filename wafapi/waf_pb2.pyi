@@ -178,10 +178,12 @@ class BatchRequest(_message.Message):
     def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., response: _Optional[_Union[ResponseRequest, _Mapping]] = ...) -> None: ...
 
 class VerdictBatch(_message.Message):
-    __slots__ = ("verdicts",)
+    __slots__ = ("verdicts", "draining")
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     verdicts: _containers.RepeatedCompositeFieldContainer[BatchVerdict]
-    def __init__(self, verdicts: _Optional[_Iterable[_Union[BatchVerdict, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, verdicts: _Optional[_Iterable[_Union[BatchVerdict, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class BatchVerdict(_message.Message):
     __slots__ = ("ref", "verdict", "error")

@@ -86,7 +86,9 @@ class WafServicer:
         one), but never reorders them and never merges two batches' answers.
         - A per-item failure comes back as BatchVerdict.error and leaves the
         stream open. The stream itself ends only when the worker drains
-        (status OK after the last answer) or fails.
+        (status OK after the last answer) or fails. A draining worker says so
+        first (VerdictBatch.draining), then answers only responses until it
+        holds no transaction.
         - Once a stream has started, its initial metadata names the worker that
         serves it (see "Stream metadata" below): every item on the stream is
         evaluated by that worker, which is what response inspection relies on.
