@@ -14,9 +14,11 @@ worked, in each worker in turn (wafsvc/rollout.py: each reports with
 SIGUSR1 when done), so that while one worker parses the others answer.
 
 Drain: health turns NOT_SERVING, the server refuses new calls (GOAWAY), every
-stream ends as soon as it has answered what it read (idle ones at once; the
-gateway re-sends anything unanswered elsewhere), and the worker exits. Calls
-still running after WAF_DRAIN_GRACE_MS are cut.
+stream tells the gateway to send no new requests (it re-sends anything
+refused or unanswered elsewhere) and ends once the worker holds no
+transaction: their responses are still inspected here (wafsvc/service.py).
+Idle, a worker exits at once; held transactions end with their response or
+TTL; calls still running after WAF_DRAIN_GRACE_MS are cut.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -
     timers = Timers()   # run by the server's loop
     observed = observe(checked, timers.call_later)  # metrics (WAF_METRICS) and per-request logs
     server, servicer = build_server(observed, config.listen, config.max_request_bytes, replica_id,
-                                    config.workers, credentials=credentials, token=token, timers=timers)
+                                    config.workers, credentials=credentials, token=token, timers=timers,
+                                    held=lambda: len(responses.store))
     # NOT_SERVING until this worker can answer: a health check never sees the
     # replica ready before its rules are in place.
     set_serving(server, False)
@@ -86,6 +89,7 @@ def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -
         if drain:
             return
         drain["started"] = time.monotonic()
+        drain["held"] = len(responses.store)
         # NOT_SERVING first (in drain()), so health-checking balancers stop
         # sending; then refuse new calls and end each stream once it has
         # answered what it read.
@@ -106,10 +110,12 @@ def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -
     if config.worker_max_rss_mb:
         timers.every(RSS_CHECK_INTERVAL_S, lambda: over_rss(config.worker_max_rss_mb) and stop())
     server.run()
-    responses.close_all()  # their audit entries are written; late responses miss
+    # Held past the grace period: their audit entries are written; late responses miss.
+    unanswered = responses.close_all()
     observed.flush()  # counts tallied since the last flush
     log.info("worker stopped", extra={"worker": servicer.worker_id, "replica": servicer.replica_id,
-                                      "evaluations": servicer.evaluations,
+                                      "evaluations": servicer.evaluations, "held_at_drain": drain.get("held", 0),
+                                      "held_at_exit": unanswered,
                                       "drain_seconds": round(time.monotonic() - drain.get("started", 0), 3)})
 
 

@@ -101,7 +101,8 @@ OPTIONS = (
            "SecAuditLogParts: A B (request headers) H (matches) Z by default; add C to log request "
            "bodies", _audit_parts),
     Option("drain_grace_ms", "WAF_DRAIN_GRACE_MS", 10000,
-           "on SIGTERM, longest wait for evaluations in flight; idle streams end at once", int),
+           "on SIGTERM, longest wait for evaluations in flight and the responses of held transactions; "
+           "idle streams end at once", int),
     Option("truncated_body", "WAF_TRUNCATED_BODY", "pass",
            "(app) a request whose body arrived cut short (body_truncated, e.g. longer than HAProxy's "
            "tune.bufsize): pass = inspect what arrived and let it through, flagged; block = deny (403) "

@@ -21,9 +21,11 @@ What a handler sees:
   open without the token.
 
 Timers (call_later) and signal handlers run between polls. drain(): no new
-calls (GOAWAY), streams end once they have answered what they read (idle
-ones at once), health watchers are told NOT_SERVING; what still runs after
-the grace period is cancelled.
+calls (GOAWAY), health watchers are told NOT_SERVING, each stream sends its
+session's drain notice, and ends once it has answered what it read and is
+idle, unless its session still expects work (keeps_open(): a worker's held
+transactions wait for their responses); what still runs after the grace
+period is cancelled.
 
 It drives grpcio's Cython layer (grpc._cython.cygrpc) the way grpcio's own
 synchronous server does; requirements.txt pins grpcio, and the end-to-end
@@ -32,7 +34,6 @@ tests cover every method served.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import signal
@@ -42,6 +43,8 @@ from typing import Callable, Iterable
 import grpc
 from grpc._common import STATUS_CODE_TO_CYGRPC_STATUS_CODE
 from grpc._cython import cygrpc
+
+from wafsvc.timers import Timers
 
 log = logging.getLogger("wafsvc.rpc")
 
@@ -80,10 +83,18 @@ class Session:
     items are sent as they come (a generator may send part of its work
     early); the next request is read when it is exhausted."""
     ended = False   # set: the stream ends (status OK) after the current answers
-    drains = True   # ends as soon as it is idle once the server drains; else runs until the grace
+    drains = True   # ends once idle while the server drains (see keeps_open); else runs until the grace
 
     def receive(self, request) -> Iterable:
         raise NotImplementedError
+
+    def draining(self) -> Iterable:
+        """Sent when the server starts draining, after any answers under way."""
+        return ()
+
+    def keeps_open(self) -> bool:
+        """While draining, an idle stream stays open while true: work for it may come."""
+        return False
 
     def close(self) -> None:
         """The call is over, however it ended."""
@@ -102,34 +113,6 @@ def message_of(ev) -> bytes | None:
         if op.type() == _RECV:
             return op.message()
     return None
-
-
-class Timers:
-    """Callbacks due at a time, run by the server loop between polls."""
-
-    def __init__(self) -> None:
-        self._heap: list = []
-        self._seq = itertools.count()
-
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._seq), callback))
-
-    def every(self, interval_s: float, callback: Callable[[], None]) -> None:
-        def tick() -> None:
-            self.call_later(interval_s, tick)
-            callback()
-        self.call_later(interval_s, tick)
-
-    def wait_s(self, longest: float) -> float:
-        if not self._heap:
-            return longest
-        return min(longest, max(0.0, self._heap[0][0] - time.monotonic()))
-
-    def due(self) -> list[Callable[[], None]]:
-        heap, now, out = self._heap, time.monotonic(), []
-        while heap and heap[0][0] <= now:
-            out.append(heapq.heappop(heap)[2])
-        return out
 
 
 class Server:
@@ -199,6 +182,9 @@ class Server:
                     self._guarded(callback)
             for callback in self.timers.due():
                 self._guarded(callback)
+            if self.draining:   # what ran may have been the last work an idle stream waited for
+                for stream in list(self._streams):
+                    stream.end_if_done()
 
     def _deadline(self) -> float:
         """Python signal handlers only run when the poll returns: it waits
@@ -263,8 +249,8 @@ class Server:
 
     # -- stopping ---------------------------------------------------------------
     def drain(self, grace_s: float) -> None:
-        """No new calls; streams end once idle (those that drain); after
-        grace_s what is left is cancelled. run() returns when all are done."""
+        """No new calls; streams send their drain notice and end once idle and
+        done; after grace_s what is left is cancelled. run() returns when all are."""
         if self.draining:
             return
         self.draining = True
@@ -292,6 +278,8 @@ def ignore(_ev) -> None:
 class _Stream:
     """A stream call's state: reading, sending answers, or closing."""
     __slots__ = ("server", "c_call", "call", "handler", "session", "answers", "closing", "reading")
+    # answers is set exactly while a message is being sent; reading while a
+    # read is pending. Both at once: a drain notice went out on an idle stream.
 
     def __init__(self, server: Server, c_call, call: Call, handler) -> None:
         self.server = server
@@ -331,7 +319,7 @@ class _Stream:
             self._finish("INTERNAL", "Exception deserializing request!")
             return
         try:
-            self.answers = iter(self.session.receive(request))
+            answers = iter(self.session.receive(request))
         except Abort as exc:
             self._finish(exc.code, exc.details, exc.trailing_metadata)
             return
@@ -339,6 +327,10 @@ class _Stream:
             log.exception("stream handler failed", extra={"method": self.call.method})
             self._finish("UNKNOWN", "Exception iterating responses")
             return
+        if self.answers is not None:   # a drain notice is being sent: these follow it
+            self.answers = itertools.chain(self.answers, answers)
+            return
+        self.answers = answers
         self._next()
 
     def _next(self) -> None:
@@ -356,23 +348,43 @@ class _Stream:
             self.c_call.start_server_batch((cygrpc.SendMessageOperation(data, 0),), self._on_sent)
             return
         self.answers = None
-        session = self.session
-        if session.ended or (self.server.draining and session.drains):
+        if self.reading:   # a drain notice went out while idle: the read is still pending
+            return
+        if self._done():
             self._finish("OK")
             return
         self.reading = True
         self.c_call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), self._on_message)
 
     def _on_sent(self, ev) -> None:
-        if not ev.success:   # the client is gone: evaluate no more of this message
+        if not ev.success or self.closing:   # the client is gone: evaluate no more of this message
             self.answers = None
             self._finish("CANCELLED")
             return
         self._next()
 
     def drain(self) -> None:
-        if self.reading and self.session is not None and self.session.drains:
+        """The server starts draining: the session's notice goes out, and an
+        idle stream with nothing more to wait for ends."""
+        if self.closing or self.session is None:
+            return
+        notice = iter(self.session.draining())
+        if self.answers is not None:   # busy: the notice follows the answers under way
+            self.answers = itertools.chain(self.answers, notice)
+        elif self.reading and not self.end_if_done():
+            self.answers = notice
+            self._next()
+
+    def end_if_done(self) -> bool:
+        """An idle stream whose session waits for nothing more ends (OK)."""
+        done = self.reading and self.answers is None and not self.closing and self._done()
+        if done:
             self._finish("OK")
+        return done
+
+    def _done(self) -> bool:
+        session = self.session
+        return session.ended or (self.server.draining and session.drains and not session.keeps_open())
 
     def _finish(self, code: str, details: str = "", trailing: tuple = (), head: tuple = ()) -> None:
         if self.closing:

@@ -12,6 +12,12 @@ connection to one worker, so coverage is luck unless someone checks).
 A response (EvaluateResponse, or a `response` item on a stream) must reach
 the worker that holds its transaction: the handle starts with that name.
 
+Drain (SIGTERM): the worker takes no new requests (DRAINING, retryable: the
+gateway re-sends them elsewhere) but answers the responses of the
+transactions it holds. Each stream says so at once (VerdictBatch.draining)
+and stays open until none are held (answered, or ended by their TTL), so a
+rolling update loses no response inspection; WAF_DRAIN_GRACE_MS bounds it.
+
 Every failure carries its ErrorReason: unary calls abort with the status
 code and the trailing metadata "x-waf-error-reason"; stream items come back
 as EvaluationError with code and reason.
@@ -24,6 +30,7 @@ import logging
 import os
 import socket
 import time
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -63,8 +70,10 @@ def refusal(exc: EvaluationFailed) -> rpc.Abort:
 
 
 class WafServicer:
-    def __init__(self, engine: Engine, replica_id: str = "", workers: int = 1) -> None:
+    def __init__(self, engine: Engine, replica_id: str = "", workers: int = 1,
+                 held: Callable[[], int] = lambda: 0) -> None:
         self.engine = engine
+        self.held = held   # transactions this worker holds for their response
         self.draining = False
         self.replica_id = replica_id or default_replica()
         self.worker_id = worker_name(self.replica_id)
@@ -121,8 +130,11 @@ class WafServicer:
 class EvaluationStream(rpc.Session):
     """One EvaluateStream call: each batch is answered in order, in one
     message, or in parts when it runs long. Once the worker drains, the
-    stream ends as soon as it has answered what it read (idle: at once);
-    that is lossless, the gateway re-sends anything unanswered elsewhere."""
+    stream says so, refuses requests (DRAINING) and stays open while the
+    worker holds transactions: their responses may come on any stream to it
+    (idle: it ends at once). That is lossless, the gateway re-sends anything
+    refused or unanswered elsewhere."""
+    DRAINING = waf_pb2.VerdictBatch(draining=True)
 
     def __init__(self, servicer: WafServicer) -> None:
         self.servicer = servicer
@@ -146,10 +158,9 @@ class EvaluationStream(rpc.Session):
             try:
                 kind = item.WhichOneof("item")
                 if kind == "request":
-                    request = item.request
-                    if request.inspect_response and servicer.draining:
+                    if servicer.draining:
                         raise _draining()
-                    evaluate(request, result.verdict)
+                    evaluate(item.request, result.verdict)
                 elif kind == "response":
                     evaluate_response(item.response, result.verdict)
                 else:
@@ -163,13 +174,19 @@ class EvaluationStream(rpc.Session):
                 _set_error(result, _unexpected(exc))
         yield out
 
+    def draining(self):
+        return (self.DRAINING,)
+
+    def keeps_open(self) -> bool:
+        return self.servicer.held() > 0
+
     def close(self) -> None:
         self.servicer.streams -= 1
 
 
 def _draining() -> EvaluationFailed:
-    """A request to keep, on a worker about to exit: its response would miss,
-    so it is refused (UNAVAILABLE, retryable) for a live worker to take."""
+    """A request on a worker about to exit (on the stream, any; a unary one
+    it would keep): refused (UNAVAILABLE, retryable) for a live worker to take."""
     return EvaluationFailed("UNAVAILABLE", "this worker is draining and keeps no new transactions; retry "
                             "elsewhere", waf_pb2.DRAINING)
 
@@ -232,7 +249,8 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
 
 def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id: str = "",
                  workers: int = 1, credentials: grpc.ServerCredentials | None = None,
-                 token: str = "", timers: rpc.Timers | None = None) -> tuple[rpc.Server, WafServicer]:
+                 token: str = "", timers: rpc.Timers | None = None,
+                 held: Callable[[], int] = lambda: 0) -> tuple[rpc.Server, WafServicer]:
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -246,7 +264,7 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = rpc.Server(options, authorize=BearerToken(token) if token else None, timers=timers)
-    servicer = WafServicer(engine, replica_id, workers)
+    servicer = WafServicer(engine, replica_id, workers, held)
     waf_pb2_grpc.add_WafServicer_to_server(servicer, server)
     # Envoy's ext_authz and ext_proc, on the same port and engine (wafsvc/envoy_*.py).
     from wafsvc import envoy_authz, envoy_extproc
