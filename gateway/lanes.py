@@ -40,7 +40,7 @@ class Pending:
 class Worker:
     """One wafsvc worker process, as named by its streams' metadata."""
     __slots__ = ("name", "replica", "lanes", "spares", "inflight", "turn", "stalled", "last_answer",
-                 "outstanding")
+                 "outstanding", "draining")
 
     def __init__(self, name: str, replica: str) -> None:
         self.name = name
@@ -52,6 +52,7 @@ class Worker:
         self.stalled = False          # hung: no new work until it answers
         self.last_answer = time.monotonic()
         self.outstanding = 0          # stream messages sent to it and not answered yet
+        self.draining = False         # it said so: responses only, no new requests
 
 
 class Lane:

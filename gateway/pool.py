@@ -21,8 +21,11 @@ A response (submit_response) is pinned to the worker named in its handle:
 it is dispatched only there (Workers.route), retried only there (another
 lane to the same worker, after a stream failure), never hedged elsewhere,
 and answered at once as a miss when no open lane reaches that worker (it
-died or drains, and its transactions with it: NO_ROUTE) or the worker is
-hung (WORKER_HUNG): waiting could only end at the deadline.
+died, or finished draining, and its transactions with it: NO_ROUTE) or the
+worker is hung (WORKER_HUNG): waiting could only end at the deadline.
+A draining worker (it says so on its streams, or refuses a request with
+DRAINING) gets no new requests but keeps its lanes for its responses
+(worker_draining) until it ends them: a rolling update loses no response.
 """
 
 from __future__ import annotations
@@ -198,6 +201,21 @@ class WafPool:
         self._release(pending)
         pending.attempts -= 1
         self._dispatch(pending)
+
+    def worker_draining(self, worker: Worker) -> None:
+        """The worker takes no new requests: its lanes carry only responses
+        from now on, and requests queued on them go to other workers."""
+        lanes = self.workers.drain(worker)
+        if not lanes:
+            return
+        log.info("wafsvc worker draining: responses only", extra={"worker": worker.name,
+                                                                  "workers": len(self.workers.ready)})
+        for lane in lanes:
+            moved = [p for p in lane.queue if p.pin is None]
+            lane.queue[:] = [p for p in lane.queue if p.pin is not None]
+            for pending in moved:
+                if not pending.done and pending.lane is lane:
+                    self.redispatch(pending)
 
     # -- lanes coming and going -------------------------------------------
     def attach(self, lane: Lane, name: str, replica: str, workers: int) -> None:

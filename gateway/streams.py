@@ -148,9 +148,14 @@ class LaneRunner:
                     worker.outstanding -= 1
             else:
                 unanswered[0] -= take
+        if batch.draining and worker is not None:
+            pool.worker_draining(worker)
         if worker is not None:
             worker.last_answer = time.monotonic()
             for other in worker.lanes:  # what queued while the window was full goes now
+                if other.queue:
+                    other.wakeup.set()
+            for other in worker.spares:  # responses only (a draining worker, a rotated channel)
                 if other.queue:
                     other.wakeup.set()
             if worker.stalled:
@@ -164,6 +169,12 @@ class LaneRunner:
                 pool.finish(pending, item.verdict, None)
                 continue
             error = item.error
+            if error.reason == waf_pb2.DRAINING and pending.pin is None:
+                # Not a failure: the worker drains. Another takes the request.
+                if worker is not None:
+                    pool.worker_draining(worker)
+                pool.redispatch(pending)
+                continue
             pool.stats.errors += 1
             pool.hooks.grpc_error(worker.name if worker else "", error.code)
             # A response is never sent again: its worker has taken (and ended)

@@ -10,7 +10,10 @@ A response goes to the worker its handle names (route), never elsewhere:
 through a lane that takes work, or else through a retired lane that is
 still open (a spare). A channel replaced by rotation keeps its lanes open as
 spares while they are the only way to a worker that may hold transactions,
-so rotation does not turn responses into misses.
+so rotation does not turn responses into misses. A draining worker (it
+says so on its streams) keeps all its lanes as spares the same way: it takes
+no new requests but answers the responses of what it holds, and ends its
+streams once it holds nothing.
 """
 
 from __future__ import annotations
@@ -82,10 +85,24 @@ class Workers:
             worker = self._by_name[name] = Worker(name, replica)
         self._replicas[replica] = workers
         lane.worker = worker
+        if worker.draining:   # a stream that opened as the worker started draining
+            worker.spares.append(lane)
+            return
         worker.lanes.append(lane)
         if len(worker.lanes) == 1:
             self.ready.append(worker)
             log.info("wafsvc worker available", extra={"worker": name, "workers": len(self.ready)})
+
+    def drain(self, worker: Worker) -> list[Lane]:
+        """The worker drains: every lane of it becomes a spare (responses
+        only). Returns those lanes, whose queued requests must go elsewhere."""
+        if worker.draining:
+            return []
+        worker.draining = True
+        lanes = list(worker.lanes)
+        for lane in lanes:
+            self.stop_taking_work(lane, spare=True)
+        return lanes
 
     def stop_taking_work(self, lane: Lane, spare: bool = False) -> Worker | None:
         """Removes the lane from dispatch; answers still arrive on it. A

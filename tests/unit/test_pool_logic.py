@@ -184,11 +184,11 @@ def test_a_refusal_is_a_typed_value_and_a_retryable_error_goes_elsewhere():
     verdict, failure = results[0]
     assert verdict is None and failure.failure is Failure.REFUSED and failure.label == "invalid_argument"
     assert failure.reason == waf_pb2.UNKNOWN_APPLICATION and str(failure).startswith("INVALID_ARGUMENT: ")
-    # UNAVAILABLE (a draining worker) is retried on the other worker, not answered.
+    # UNAVAILABLE (an engine out of memory, say) is retried on the other worker, not answered.
     other_ref = list(second.sent)[0] if second is not first else refs[1]
     batch = waf_pb2.VerdictBatch()
     error = batch.verdicts.add(ref=other_ref).error
-    error.code, error.reason = "UNAVAILABLE", waf_pb2.DRAINING
+    error.code, error.reason = "UNAVAILABLE", waf_pb2.ENGINE_ERROR
     pool.runner.on_verdicts(second, batch)
     assert len(results) == 1 and pool.stats.retries == 1
     assert ("grpc_error", second.worker.name, "UNAVAILABLE") in pool.hooks.calls

@@ -164,3 +164,59 @@ def test_every_replica_gets_a_lane_of_each_new_slot():
     # Addresses unknown (the name did not resolve): one more than the
     # replicas known, so a new one is reached by the next rotation.
     assert lanes_per_slot(4, 0, 5) == 6
+
+
+def _request(pool: WafPool, results: list) -> None:
+    pool.submit(waf_pb2.EvaluateRequest(method="GET", uri=b"/").SerializeToString(),
+                lambda v, e: results.append((v, e)))
+
+
+def test_a_draining_worker_gets_responses_but_no_new_requests():
+    """Its streams say so (VerdictBatch.draining): requests queued for it
+    move to the other worker, new ones never go there, and its responses
+    still reach it on the same lane until it ends the stream."""
+    pool = make_pool()
+    a, b = two_workers(pool, streaming=True)
+    results = []
+    for _ in range(4):
+        _request(pool, results)
+    _respond(pool, "r1/a", results)
+    assert len(a.queue) == 3 and len(b.queue) == 2
+    pool.runner.on_verdicts(a, waf_pb2.VerdictBatch(draining=True))
+    draining = pool.workers.get("r1/a")
+    assert draining.draining and draining not in pool.workers.ready and a in draining.spares
+    assert [p.pin for p in a.queue] == ["r1/a"] and len(b.queue) == 4 and draining.inflight == 1
+    _request(pool, results)
+    _respond(pool, "r1/a", results)
+    assert len(a.queue) == 2 and len(b.queue) == 5 and not results
+    assert pool.inflight == 7 == draining.inflight + pool.workers.get("r1/b").inflight
+    # Its answers still count; once it ends the stream, a late response is a miss.
+    send(a)
+    batch = waf_pb2.VerdictBatch()
+    for ref in a.sent:
+        batch.verdicts.add(ref=ref).verdict.action = waf_pb2.ACTION_PASS
+    pool.runner.on_verdicts(a, batch)
+    assert len(results) == 2 and all(e is None for _, e in results) and draining.inflight == 0
+    pool.detach(a)
+    _respond(pool, "r1/a", results)
+    assert results[-1] == (None, NO_ROUTE)
+
+
+def test_a_request_refused_as_draining_goes_elsewhere_without_spending_an_attempt():
+    pool = make_pool()
+    a, b = two_workers(pool, streaming=True)
+    results = []
+    _request(pool, results)
+    lane, other = (a, b) if a.queue else (b, a)
+    send(lane)
+    ref = next(iter(lane.sent))
+    refusal = waf_pb2.VerdictBatch()
+    error = refusal.verdicts.add(ref=ref).error
+    error.code, error.reason = "UNAVAILABLE", waf_pb2.DRAINING
+    pool.runner.on_verdicts(lane, refusal)
+    assert not results and len(other.queue) == 1 and other.queue[0].attempts == 1
+    assert lane.worker.draining and lane.worker not in pool.workers.ready
+    assert pool.stats.errors == 0 and pool.stats.retries == 0 and not pool.hooks.calls
+    # A stream that opens on the draining worker carries responses only.
+    late = add_lane(pool, add_slot(pool, 2), lane.worker.name, streaming=True)
+    assert late in lane.worker.spares and lane.worker not in pool.workers.ready
