@@ -5,6 +5,7 @@ refuses, and drain. The methods themselves are tested through their users
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import threading
@@ -154,3 +155,99 @@ def test_drain_tells_watchers_and_ends_idle_streams_at_once(doomed):
     doomed.proc("wafsvc1").wait(timeout=10)
     assert time.monotonic() - started < 5   # not the 10 s grace period
     ch.close()
+
+
+def kept(first_ref: int, count: int) -> bytes:
+    """Requests whose transactions the worker keeps for their response."""
+    out = waf_pb2.EvaluateBatch.FromString(batch(first_ref, count))
+    for item in out.requests:
+        item.request.inspect_response = True
+    return out.SerializeToString()
+
+
+def responses(first_ref: int, handles: list[str]) -> bytes:
+    out = waf_pb2.EvaluateBatch()
+    for ref, handle in enumerate(handles, first_ref):
+        out.requests.add(ref=ref, response=waf_pb2.ResponseRequest(
+            transaction_handle=handle, status=200, headers=[waf_pb2.Header(name=b"content-type", value=b"text/html")]))
+    return out.SerializeToString()
+
+
+def results(stream: Stream) -> dict[int, waf_pb2.BatchVerdict]:
+    return {v.ref: v for answer in stream.answers for v in answer.verdicts}
+
+
+def stopped(stack) -> dict:
+    """The worker's last words: how many it held when the drain began and when it exited."""
+    events = [json.loads(line) for line in (stack.spec.log_dir / "wafsvc1.log").read_text().splitlines()
+              if line.startswith("{")]
+    return next(e for e in events if e.get("msg") == "worker stopped")
+
+
+def hold_two_then_drain(stack) -> tuple[grpc.Channel, Stream, Stream, list[str]]:
+    """Two held transactions on one stream, a second stream idle; SIGTERM,
+    and both streams hear at once that the worker drains."""
+    ch = channel(stack)
+    busy, idle = Stream(ch), Stream(ch)
+    busy.outbox.put(kept(1, 2))
+    busy.wait_for(2)
+    handles = [v.verdict.transaction_handle for v in results(busy).values()]
+    assert len(handles) == 2 and all(handles), results(busy)
+    stack.proc("wafsvc1").send_signal(signal.SIGTERM)
+    for stream in (busy, idle):
+        wait_until(lambda: any(a.draining for a in stream.answers), "the drain notice")
+    return ch, busy, idle, handles
+
+
+def wait_until(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.01)
+
+
+def test_a_draining_worker_answers_the_responses_it_holds_then_ends(doomed):
+    """SIGTERM while two transactions are held: every stream says so at
+    once, new requests are refused (DRAINING, retryable), the responses are
+    inspected, on any stream, and only after the last do the streams end
+    (OK) and the worker exit with nothing left held."""
+    ch, busy, idle, handles = hold_two_then_drain(doomed)
+    busy.outbox.put(batch(3, 1))
+    busy.outbox.put(responses(4, handles[:1]))
+    busy.wait_for(3)
+    refused = results(busy)[3]
+    assert refused.error.code == "UNAVAILABLE" and refused.error.reason == waf_pb2.DRAINING
+    # The first response answered, the worker still holds one: both streams
+    # stay open (the second takes the last response).
+    busy.wait_for(4)
+    assert results(busy)[4].verdict.action == waf_pb2.ACTION_PASS
+    idle.outbox.put(responses(5, handles[1:]))
+    idle.wait_for(1)
+    assert results(idle)[5].verdict.action == waf_pb2.ACTION_PASS
+    for stream in (busy, idle):
+        stream.reader.join(10)
+        assert stream.error is None and stream.call.code() == grpc.StatusCode.OK
+    doomed.proc("wafsvc1").wait(timeout=10)
+    last = stopped(doomed)
+    assert last["held_at_drain"] == 2 and last["held_at_exit"] == 0, last
+    ch.close()
+
+
+@pytest.mark.parametrize("env,left", [({"WAF_TRANSACTION_TTL_MS": "1500", "WAF_DRAIN_GRACE_MS": "60000"}, 0),
+                                      ({"WAF_TRANSACTION_TTL_MS": "60000", "WAF_DRAIN_GRACE_MS": "1500"}, 2)])
+def test_responses_that_never_come_hold_a_drain_only_until_the_ttl_or_the_grace(tmp_path, env, left):
+    """Whichever comes first ends the drain: the TTL (the transactions
+    expire, nothing is left) or the grace period (what is left is ended at
+    exit, its audit entries written)."""
+    stack = start_wafsvc(tmp_path, env=env)
+    try:
+        ch, busy, idle, _ = hold_two_then_drain(stack)
+        for stream in (busy, idle):
+            stream.reader.join(30)
+            assert not stream.reader.is_alive()
+        stack.proc("wafsvc1").wait(timeout=30)
+        last = stopped(stack)
+        assert last["held_at_drain"] == 2 and last["held_at_exit"] == left, last
+        ch.close()
+    finally:
+        stack.stop()
