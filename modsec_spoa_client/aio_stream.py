@@ -4,7 +4,7 @@ The asyncio twin of stream.py, with the same contract: requests awaited by
 concurrent tasks leave together (up to max_batch per message, whatever is
 ready, no waiting for more), answers are matched by ref, and a failed stream
 is reopened (another replica when there is one) for the requests it had not
-answered.
+answered, and a draining worker's stream keeps only its responses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from modsec_spoa_client._shared import RequestInput, request_message, response_m
 from modsec_spoa_client.config import ClientConfig
 from modsec_spoa_client.errors import WafError, WafTimeout, from_rpc_error
 from modsec_spoa_client.models import HttpResponse, Verdict
-from modsec_spoa_client.stream import REPLICA_METADATA, WORKER_METADATA, Pending, drained, settle
+from modsec_spoa_client.stream import REPLICA_METADATA, WORKER_METADATA, Pending, drained, settle, worker_of
 from wafapi import waf_pb2
 
 _END = None
@@ -34,6 +34,7 @@ class AsyncEvaluationStream:
         self._refs = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._queue: asyncio.Queue | None = None
+        self._left: dict[str, asyncio.Queue] = {}   # draining worker -> its stream: responses only
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.worker = ""
@@ -61,9 +62,13 @@ class AsyncEvaluationStream:
         message.ref = next(self._refs)
         item = Pending(message, future, time.monotonic() + self._config.deadline, retries)
         self._pending[message.ref] = item
-        if self._queue is None:
-            self._open()
-        self._queue.put_nowait(message)
+        left = self._left.get(worker_of(message)) if self._left else None
+        if left is not None:
+            left.put_nowait(message)
+        else:
+            if self._queue is None:
+                self._open()
+            self._queue.put_nowait(message)
         try:
             async with asyncio.timeout(self._config.deadline):  # no task per call, unlike wait_for
                 return await future
@@ -99,12 +104,18 @@ class AsyncEvaluationStream:
         call = self._stub.EvaluateStream(self._batches(items), metadata=self._metadata)
         try:
             metadata = dict(await call.initial_metadata() or ())
-            self.worker = metadata.get(WORKER_METADATA, "")
+            worker = self.worker = metadata.get(WORKER_METADATA, "")
             self.replica = metadata.get(REPLICA_METADATA, "")
             async for batch in call:
+                if batch.draining:
+                    self._leave(items, worker)
                 for answer in batch.verdicts:
                     item = self._pending.pop(answer.ref, None)
                     if item is None or item.future.done():
+                        continue
+                    if answer.error.reason == waf_pb2.DRAINING and item.message.HasField("request"):
+                        self._leave(items, worker)
+                        self._resend(item)   # on the new stream: not a retry
                         continue
                     settle(item.future, answer)
             error = drained()
@@ -115,8 +126,28 @@ class AsyncEvaluationStream:
             raise
         self._failed(items, error)
 
+    def _leave(self, items: asyncio.Queue, worker: str) -> None:
+        """The worker drains: new items go to a new stream; this one carries
+        the responses of the transactions it holds until it ends."""
+        if self._queue is items:
+            self._queue = None
+            self._left[worker] = items
+
+    def _resend(self, item: Pending) -> None:
+        if self._closed:
+            item.future.set_exception(drained())
+            return
+        self._pending[item.message.ref] = item
+        if self._queue is None:
+            self._open()
+        self._queue.put_nowait(item.message)
+
     def _failed(self, items: asyncio.Queue, error: WafError) -> None:
         if self._queue is not items:
+            for worker, left in list(self._left.items()):
+                if left is items:
+                    del self._left[worker]
+                    items.put_nowait(_END)
             return
         self._queue = None
         again = [item for item in self._pending.values() if error.retryable and item.retryable]

@@ -13,7 +13,10 @@ submit from several threads.
 When the stream fails (the worker died or drained), requests not yet
 answered are sent again on a new stream, which the round-robin channel opens
 on another replica when there is one; responses of kept transactions are
-not (their worker is gone) and fail with WafUnavailable.
+not (their worker is gone) and fail with WafUnavailable. A draining worker
+says so first (VerdictBatch.draining): new requests then go to a new stream
+(one it refused, DRAINING, too), while the responses of the transactions it
+holds still go to it on the old stream, until it ends that stream.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def settle(future, answer: waf_pb2.BatchVerdict) -> None:
         future.set_exception(error_for(answer.error.code, answer.error.message, reason_of(answer.error.reason)))
 
 
+def worker_of(message: waf_pb2.BatchRequest) -> str:
+    """The worker a response must reach ("" for a request)."""
+    return message.response.transaction_handle.rpartition("#")[0] if message.HasField("response") else ""
+
+
 def drained() -> WafError:
     """The error of a stream the worker ended cleanly (it is draining)."""
     return WafUnavailable("the worker ended the stream (draining)", code="UNAVAILABLE", reason=ErrorReason.DRAINING)
@@ -97,6 +105,7 @@ class EvaluationStream:
         self._refs = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._queue: queue.SimpleQueue | None = None
+        self._left: dict[str, queue.SimpleQueue] = {}   # draining worker -> its stream: responses only
         self._closed = False
         self.worker = ""   # x-waf-worker serving the current stream
         self.replica = ""
@@ -139,6 +148,10 @@ class EvaluationStream:
                 raise RuntimeError("the stream is closed")
             message.ref = next(self._refs)
             self._pending[message.ref] = Pending(message, future, time.monotonic() + self._config.deadline, retries)
+            left = self._left.get(worker_of(message)) if self._left else None
+            if left is not None:
+                left.put(message)
+                return future
             if self._queue is None:
                 self._open()
             self._queue.put(message)
@@ -167,24 +180,53 @@ class EvaluationStream:
     def _read(self, call, items: queue.SimpleQueue) -> None:
         try:
             metadata = dict(call.initial_metadata() or ())
-            self.worker = metadata.get(WORKER_METADATA, "")
+            worker = self.worker = metadata.get(WORKER_METADATA, "")
             self.replica = metadata.get(REPLICA_METADATA, "")
             for batch in call:
+                if batch.draining:
+                    self._leave(items, worker)
                 for answer in batch.verdicts:
                     with self._lock:
                         item = self._pending.pop(answer.ref, None)
                     if item is None or item.future.done():
                         continue  # answered after its deadline: nobody waits
+                    if answer.error.reason == waf_pb2.DRAINING and item.message.HasField("request"):
+                        self._leave(items, worker)
+                        self._resend(item)
+                        continue
                     settle(item.future, answer)
             error = drained()
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
         self._failed(items, error)
 
+    def _leave(self, items: queue.SimpleQueue, worker: str) -> None:
+        """The worker drains: new items go to a new stream; this one carries
+        the responses of the transactions it holds until it ends."""
+        with self._lock:
+            if self._queue is items:
+                self._queue = None
+                self._left[worker] = items
+
+    def _resend(self, item: Pending) -> None:
+        """A request a draining worker refused: on the new stream (not a retry)."""
+        with self._lock:
+            if not self._closed:
+                self._pending[item.message.ref] = item
+                if self._queue is None:
+                    self._open()
+                self._queue.put(item.message)
+                return
+        item.future.set_exception(drained())
+
     def _failed(self, items: queue.SimpleQueue, error: WafError) -> None:
         """The stream behind `items` ended: re-send what may be, fail the rest."""
         with self._lock:
             if self._queue is not items:
+                for worker, left in list(self._left.items()):
+                    if left is items:   # a draining worker's stream ended: its requests iterator too
+                        del self._left[worker]
+                        items.put(_END)
                 return
             items.put(_END)
             self._queue = None

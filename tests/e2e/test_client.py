@@ -237,3 +237,58 @@ def test_stream_resends_unanswered_requests_when_its_replica_is_sigkilled(tmp_pa
     finally:
         stack.stop()
     assert len(verdicts) == 3000 and all(v.blocked for v in verdicts)
+
+
+def _draining(stack, index: int) -> bool:
+    """SIGTERMed replica `index` has begun draining: it takes no new connection."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{stack.spec.wafsvc_ports[index]}") as ch:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+    except grpc.RpcError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_on_a_draining_replica_moves_its_requests_and_keeps_its_responses(tmp_path, mode):
+    """SIGTERM to the replica holding a stream's transaction: new requests
+    get verdicts from the other replica, and the held transaction's response
+    is still inspected by the draining worker, which then exits."""
+    from tests.e2e.conftest import wait_for
+    stack = start_wafsvc(tmp_path, replicas=2)
+
+    def victim_of(replica: str) -> int:
+        return next(i for i in range(2) if f"/{stack.proc(f'wafsvc{i + 1}').pid}" in replica)
+
+    def drain(replica: str) -> int:
+        victim = victim_of(replica)
+        os.killpg(stack.proc(f"wafsvc{victim + 1}").pid, signal.SIGTERM)
+        wait_for(lambda: _draining(stack, victim), 10, "the drain")
+        return victim
+
+    try:
+        if mode == "sync":
+            with Client(target=target(stack), deadline=5) as client, client.stream() as stream:
+                kept = stream.evaluate(BENIGN, inspect_response=True)
+                first = stream.replica
+                victim = drain(first)
+                after = [stream.evaluate(BENIGN if i % 2 else ATTACK) for i in range(20)]
+                moved = stream.replica
+                leak = stream.evaluate_response(kept, LEAK)
+        else:
+            async def run():
+                async with AsyncClient(target=target(stack), deadline=5) as client:
+                    async with client.stream() as s:
+                        kept = await s.evaluate(BENIGN, inspect_response=True)
+                        first = s.replica
+                        victim = drain(first)
+                        after = [await s.evaluate(BENIGN if i % 2 else ATTACK) for i in range(20)]
+                        return first, victim, after, s.replica, await s.evaluate_response(kept, LEAK)
+            first, victim, after, moved, leak = asyncio.run(run())
+        assert [v.blocked for v in after] == [not i % 2 for i in range(20)]
+        assert moved != first and leak.blocked and leak.rule_ids == (2001,)
+        assert stack.proc(f"wafsvc{victim + 1}").wait(10) == 0
+    finally:
+        stack.stop()
