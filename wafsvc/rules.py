@@ -10,6 +10,7 @@ import functools
 import glob
 import logging
 import os
+import pathlib
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -19,6 +20,9 @@ log = logging.getLogger("wafsvc.rules")
 DEBIAN_CRS_SETUP = "/etc/modsecurity/crs/crs-setup.conf"
 # Internal rule ids live in ModSecurity's "local use" range (1-99,999).
 PARANOIA_RULE_ID = 99001
+# Directives that make costly CRS rules cheap on long runs without losing
+# detection (docs/SECURITY.md "Costly bodies"), loaded after the CRS rules.
+CRS_MITIGATIONS = pathlib.Path(__file__).resolve().parent.parent / "rules" / "crs-mitigations.conf"
 
 
 class RulesError(Exception):
@@ -45,6 +49,9 @@ class RuleSetSpec:
     # Where extra_directives were written ("apps.yaml:14"), so that a parse
     # error in them names that file and line instead of the composed text's.
     directives_origin: tuple[str, int] = ("", 0)
+    # Loaded after the CRS rules (CRS applications only); "" loads none, as
+    # scripts/costly_runs.py does to measure the cost without them.
+    crs_mitigations: str = str(CRS_MITIGATIONS)
 
 
 def find_crs_setup(crs_dir: str, explicit: str = "") -> str:
@@ -71,19 +78,56 @@ def crs_rule_files(crs_dir: str) -> list[str]:
         raise RulesError(f"CRS_DIR {crs_dir}: no rules/*.conf found")
     usable = []
     for path in files:
-        stat = os.stat(path)
-        if _needs_geoip(path, stat.st_mtime_ns, stat.st_size):
+        if _scan(path).needs_geoip:
             log.warning("skipping %s: it needs @geoLookup, which this engine lacks", path)
             continue
         usable.append(path)
     return usable
 
 
+@dataclass(frozen=True)
+class _RuleFile:
+    needs_geoip: bool
+    rule_ids: frozenset[int]
+
+
+_RULE_ID = re.compile(r"\bid:(\d+)")
+
+
+def _scan(path: str) -> _RuleFile:
+    stat = os.stat(path)
+    return _scan_version(path, stat.st_mtime_ns, stat.st_size)
+
+
 @functools.lru_cache(maxsize=1024)
-def _needs_geoip(path: str, mtime_ns: int, size: int) -> bool:
+def _scan_version(path: str, mtime_ns: int, size: int) -> _RuleFile:
     """Read once per version of the file: many applications use one CRS."""
     with open(path, encoding="utf-8", errors="replace") as fh:
-        return "@geoLookup" in fh.read()
+        text = fh.read()
+    return _RuleFile("@geoLookup" in text, frozenset(int(i) for i in _RULE_ID.findall(text)))
+
+
+_MITIGATION = re.compile(r'SecRuleUpdateActionById (\d+) "[^"]+"')
+
+
+def crs_mitigations(rule_files: Iterable[str], path: str = str(CRS_MITIGATIONS)) -> list[str]:
+    """The directives of `path` whose rule is in `rule_files`: CRS versions
+    differ in their rules, and an update naming a missing rule would be
+    silently ignored by the engine, so it is left out instead."""
+    ids = frozenset().union(*(_scan(f).rule_ids for f in rule_files))
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _MITIGATION.fullmatch(line)
+        if m is None:
+            raise RulesError(f"{path}:{number}: expected SecRuleUpdateActionById <id> \"<actions>\", got {line!r}")
+        if int(m.group(1)) in ids:
+            kept.append(line)
+    return kept
 
 
 def _include(path: str) -> str:
@@ -103,7 +147,11 @@ def _crs_lines(spec: RuleSetSpec) -> Iterable[str]:
     after = os.path.join(setup_dir, "RESPONSE-999-EXCLUSION-RULES-AFTER-CRS.conf")
     if os.path.isfile(before):
         yield _include(before)
-    yield from (_include(path) for path in crs_rule_files(spec.crs_dir))
+    rule_files = crs_rule_files(spec.crs_dir)
+    yield from (_include(path) for path in rule_files)
+    # Before the operator's after-CRS file, which keeps the last word.
+    if spec.crs_mitigations:
+        yield from crs_mitigations(rule_files, spec.crs_mitigations)
     if os.path.isfile(after):
         yield _include(after)
 
