@@ -116,8 +116,11 @@ def crs_mitigations(rule_files: Iterable[str], path: str = str(CRS_MITIGATIONS))
     silently ignored by the engine, so it is left out instead."""
     ids = frozenset().union(*(_scan(f).rule_ids for f in rule_files))
     kept = []
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise RulesError(f"CRS mitigations {path}: {exc.strerror}") from exc
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):

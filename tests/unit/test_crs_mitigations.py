@@ -107,3 +107,8 @@ def test_a_line_of_another_kind_is_refused(tmp_path):
 def test_an_empty_path_loads_no_mitigations():
     spec = RuleSetSpec(base_conf=BASE, crs_dir=crs_dir(), crs_mitigations="")
     assert "SecRuleUpdateActionById" not in compose(spec)
+
+
+def test_a_missing_mitigations_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RulesError, match="CRS mitigations .*missing.conf: No such file"):
+        crs_mitigations(crs_rule_files(crs_dir()), str(tmp_path / "missing.conf"))
