@@ -88,7 +88,8 @@ class WafServicer:
         stream open. The stream itself ends only when the worker drains
         (status OK after the last answer) or fails. A draining worker says so
         first (VerdictBatch.draining), then answers only responses until it
-        holds no transaction.
+        holds no transaction. A pausing worker (a reload) says so the same way,
+        then that it serves again, on the same stream.
         - Once a stream has started, its initial metadata names the worker that
         serves it (see "Stream metadata" below): every item on the stream is
         evaluated by that worker, which is what response inspection relies on.
