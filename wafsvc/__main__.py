@@ -11,7 +11,9 @@ workers, after fork (gRPC must not be initialised before fork()).
 Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the applications
 file (WAF_CONFIG) and every rule set: first in the supervisor, then, if that
 worked, in each worker in turn (wafsvc/rollout.py: each reports with
-SIGUSR1 when done), so that while one worker parses the others answer.
+SIGUSR1 when done), so that while one worker parses the others answer. A
+worker pauses around its parse (wafsvc/pause.py): its streams tell the
+gateway to send it no requests until it serves again.
 
 Drain: health turns NOT_SERVING, the server refuses new calls (GOAWAY), every
 stream tells the gateway to send no new requests (it re-sends anything
@@ -105,7 +107,8 @@ def serve(config: WafConfig, engine: Engine, replica_id: str, parent: int = 0) -
 
     server.on_signal(signal.SIGTERM, stop)
     server.on_signal(signal.SIGINT, stop)
-    server.on_signal(signal.SIGHUP, reload_and_report)
+    # Out of rotation while it parses; a SIGHUP during a pause's wait is covered by it.
+    server.on_signal(signal.SIGHUP, lambda: servicer.pause.run(reload_and_report))
     timers.every(HOUSEKEEPING_S, servicer.housekeeping)
     if config.worker_max_rss_mb:
         timers.every(RSS_CHECK_INTERVAL_S, lambda: over_rss(config.worker_max_rss_mb) and stop())

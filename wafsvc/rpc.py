@@ -20,12 +20,12 @@ What a handler sees:
 - grpc.health.v1 (Check, Watch, List) is built in (wafsvc/rpc_health.py),
   open without the token.
 
-Timers (call_later) and signal handlers run between polls. drain(): no new
-calls (GOAWAY), health watchers are told NOT_SERVING, each stream sends its
-session's drain notice, and ends once it has answered what it read and is
-idle, unless its session still expects work (keeps_open(): a worker's held
-transactions wait for their responses); what still runs after the grace
-period is cancelled.
+Timers (call_later) and signal handlers run between polls. broadcast(): each
+stream sends its session's notice() after the answers under way (the state
+changed). drain(): no new calls (GOAWAY), health watchers are told
+NOT_SERVING, each stream sends its notice and ends once idle, unless its
+session still expects work (keeps_open(): held transactions wait for their
+responses); what still runs after the grace period is cancelled.
 
 It drives grpcio's Cython layer (grpc._cython.cygrpc) the way grpcio's own
 synchronous server does; requirements.txt pins grpcio, and the end-to-end
@@ -88,8 +88,8 @@ class Session:
     def receive(self, request) -> Iterable:
         raise NotImplementedError
 
-    def draining(self) -> Iterable:
-        """Sent when the server starts draining, after any answers under way."""
+    def notice(self) -> Iterable:
+        """Sent on broadcast() and drain(), after any answers under way."""
         return ()
 
     def keeps_open(self) -> bool:
@@ -150,9 +150,6 @@ class Server:
         self._server.request_call(self._cq, self._cq, self._on_call)
 
     # -- timers and signals -----------------------------------------------
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> None:
-        self.timers.call_later(delay_s, callback)
-
     def on_signal(self, signo: int, callback: Callable[[], None]) -> None:
         """callback runs on the loop's thread between polls, never inside a
         handler, within SIGNAL_CHECK_S."""
@@ -247,6 +244,10 @@ class Server:
             ops = (cygrpc.SendMessageOperation(response, 0), *status_ops("OK"))
         c_call.start_server_batch((cygrpc.SendInitialMetadataOperation(call.initial_metadata, 0), *ops), ignore)
 
+    def broadcast(self) -> None:
+        for stream in list(self._streams):   # each sends its session's notice
+            stream.notify()
+
     # -- stopping ---------------------------------------------------------------
     def drain(self, grace_s: float) -> None:
         """No new calls; streams send their drain notice and end once idle and
@@ -256,9 +257,9 @@ class Server:
         self.draining = True
         self.health.enter_shutdown()
         self._server.shutdown(self._cq, self._on_shutdown)
-        for stream in list(self._streams):
-            stream.drain()
-        self.call_later(grace_s, self._server.cancel_all_calls)
+        for stream in list(self._streams):   # idle with nothing to wait for: ends; else notice
+            stream.end_if_done() or stream.notify()
+        self.timers.call_later(grace_s, self._server.cancel_all_calls)
 
     def _on_shutdown(self, _ev) -> None:
         """Every call has ended: what they queued is answered, then run() returns."""
@@ -279,7 +280,7 @@ class _Stream:
     """A stream call's state: reading, sending answers, or closing."""
     __slots__ = ("server", "c_call", "call", "handler", "session", "answers", "closing", "reading")
     # answers is set exactly while a message is being sent; reading while a
-    # read is pending. Both at once: a drain notice went out on an idle stream.
+    # read is pending. Both at once: a notice went out on an idle stream.
 
     def __init__(self, server: Server, c_call, call: Call, handler) -> None:
         self.server = server
@@ -327,7 +328,7 @@ class _Stream:
             log.exception("stream handler failed", extra={"method": self.call.method})
             self._finish("UNKNOWN", "Exception iterating responses")
             return
-        if self.answers is not None:   # a drain notice is being sent: these follow it
+        if self.answers is not None:   # a notice is being sent: these follow it
             self.answers = itertools.chain(self.answers, answers)
             return
         self.answers = answers
@@ -348,7 +349,7 @@ class _Stream:
             self.c_call.start_server_batch((cygrpc.SendMessageOperation(data, 0),), self._on_sent)
             return
         self.answers = None
-        if self.reading:   # a drain notice went out while idle: the read is still pending
+        if self.reading:   # a notice went out while idle: the read is still pending
             return
         if self._done():
             self._finish("OK")
@@ -363,15 +364,13 @@ class _Stream:
             return
         self._next()
 
-    def drain(self) -> None:
-        """The server starts draining: the session's notice goes out, and an
-        idle stream with nothing more to wait for ends."""
+    def notify(self) -> None:
         if self.closing or self.session is None:
             return
-        notice = iter(self.session.draining())
+        notice = iter(self.session.notice())
         if self.answers is not None:   # busy: the notice follows the answers under way
             self.answers = itertools.chain(self.answers, notice)
-        elif self.reading and not self.end_if_done():
+        elif self.reading:
             self.answers = notice
             self._next()
 

@@ -18,6 +18,10 @@ transactions it holds. Each stream says so at once (VerdictBatch.draining)
 and stays open until none are held (answered, or ended by their TTL), so a
 rolling update loses no response inspection; WAF_DRAIN_GRACE_MS bounds it.
 
+Pause (a reload, wafsvc/pause.py): the same on every stream, for the time
+of the parse; then each stream says the worker serves again
+(VerdictBatch.draining false). Every stream message carries the state.
+
 Every failure carries its ErrorReason: unary calls abort with the status
 code and the trailing metadata "x-waf-error-reason"; stream items come back
 as EvaluationError with code and reason.
@@ -41,6 +45,7 @@ from wafapi import waf_pb2, waf_pb2_grpc
 from wafsvc import rpc
 from wafsvc.engine import Engine
 from wafsvc.errors import EvaluationFailed
+from wafsvc.pause import Pause
 
 log = logging.getLogger("wafsvc.service")
 
@@ -71,10 +76,11 @@ def refusal(exc: EvaluationFailed) -> rpc.Abort:
 
 class WafServicer:
     def __init__(self, engine: Engine, replica_id: str = "", workers: int = 1,
-                 held: Callable[[], int] = lambda: 0) -> None:
+                 held: Callable[[], int] = lambda: 0, pause: Pause | None = None) -> None:
         self.engine = engine
         self.held = held   # transactions this worker holds for their response
         self.draining = False
+        self.pause = pause   # a reload's (wafsvc/pause.py); None: never pauses
         self.replica_id = replica_id or default_replica()
         self.worker_id = worker_name(self.replica_id)
         self.workers = workers
@@ -122,6 +128,15 @@ class WafServicer:
         except Exception:  # never let the sweeper die: held memory would grow unbounded
             log.exception("housekeeping failed")
 
+    @property
+    def refusing(self) -> bool:
+        """The worker takes no new requests: it drains or pauses (the state streams carry)."""
+        return self.draining or (self.pause is not None and self.pause.paused)
+
+    def refuses(self, opened_during: int | None) -> bool:
+        """A stream opened during the pause under way (opened_during) is served (wafsvc/pause.py)."""
+        return self.draining or (self.pause is not None and self.pause.refuses(opened_during))
+
     def EvaluateStream(self, call: rpc.Call) -> "EvaluationStream":
         call.initial_metadata = self._metadata
         return EvaluationStream(self)
@@ -133,32 +148,36 @@ class EvaluationStream(rpc.Session):
     stream says so, refuses requests (DRAINING) and stays open while the
     worker holds transactions: their responses may come on any stream to it
     (idle: it ends at once). That is lossless, the gateway re-sends anything
-    refused or unanswered elsewhere."""
-    DRAINING = waf_pb2.VerdictBatch(draining=True)
+    refused or unanswered elsewhere. A pause refuses the same way, for a while."""
+    STATE = {True: waf_pb2.VerdictBatch(draining=True), False: waf_pb2.VerdictBatch(draining=False)}
 
     def __init__(self, servicer: WafServicer) -> None:
         self.servicer = servicer
         self.ended = servicer.draining
+        self.opened_during = servicer.pause.current() if servicer.pause is not None else None
         servicer.streams += 1
 
     def receive(self, batch: waf_pb2.EvaluateBatch):
         servicer = self.servicer
         engine = servicer.engine
         evaluate, evaluate_response = engine.evaluate, engine.evaluate_response
-        out = waf_pb2.VerdictBatch()
+        # Each message carries the state; it cannot change between two yields.
+        out = waf_pb2.VerdictBatch(draining=servicer.refusing)
         flush_at = time.monotonic() + PARTIAL_FLUSH_S
         for item in batch.requests:
             if out.verdicts and time.monotonic() >= flush_at:
                 # A long batch (big bodies, CRS): send what is done, so
                 # the gateway sees this worker is alive, not hung.
                 yield out
-                out = waf_pb2.VerdictBatch()
+                out = waf_pb2.VerdictBatch(draining=servicer.refusing)
                 flush_at = time.monotonic() + PARTIAL_FLUSH_S
             result = out.verdicts.add(ref=item.ref)
             try:
                 kind = item.WhichOneof("item")
                 if kind == "request":
-                    if servicer.draining:
+                    if out.draining and servicer.refuses(self.opened_during):
+                        if not servicer.draining:   # paused: not quiet yet
+                            servicer.pause.request_refused()
                         raise _draining()
                     evaluate(item.request, result.verdict)
                 elif kind == "response":
@@ -174,8 +193,9 @@ class EvaluationStream(rpc.Session):
                 _set_error(result, _unexpected(exc))
         yield out
 
-    def draining(self):
-        return (self.DRAINING,)
+    def notice(self):
+        """The worker's state changed (it drains, pauses, serves again): say so."""
+        return (self.STATE[self.servicer.refusing],)
 
     def keeps_open(self) -> bool:
         return self.servicer.held() > 0
@@ -186,7 +206,8 @@ class EvaluationStream(rpc.Session):
 
 def _draining() -> EvaluationFailed:
     """A request on a worker about to exit (on the stream, any; a unary one
-    it would keep): refused (UNAVAILABLE, retryable) for a live worker to take."""
+    it would keep) or pausing (on the stream): refused (UNAVAILABLE,
+    retryable) for a worker that takes requests."""
     return EvaluationFailed("UNAVAILABLE", "this worker is draining and keeps no new transactions; retry "
                             "elsewhere", waf_pb2.DRAINING)
 
@@ -264,7 +285,9 @@ def build_server(engine: Engine, listen: str, max_message_bytes: int, replica_id
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = rpc.Server(options, authorize=BearerToken(token) if token else None, timers=timers)
-    servicer = WafServicer(engine, replica_id, workers, held)
+    # Each stream's notice says whether the worker takes requests (EvaluationStream.notice).
+    pause = Pause(server.broadcast, server.timers.call_later)
+    servicer = WafServicer(engine, replica_id, workers, held, pause)
     waf_pb2_grpc.add_WafServicer_to_server(servicer, server)
     # Envoy's ext_authz and ext_proc, on the same port and engine (wafsvc/envoy_*.py).
     from wafsvc import envoy_authz, envoy_extproc
