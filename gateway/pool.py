@@ -26,6 +26,8 @@ worker is hung (WORKER_HUNG): waiting could only end at the deadline.
 A draining worker (it says so on its streams, or refuses a request with
 DRAINING) gets no new requests but keeps its lanes for its responses
 (worker_draining) until it ends them: a rolling update loses no response.
+A pausing worker (a reload's parse) says so the same way, then that it
+serves again (worker_serving): its lanes take requests again.
 """
 
 from __future__ import annotations
@@ -217,11 +219,22 @@ class WafPool:
                 if not pending.done and pending.lane is lane:
                     self.redispatch(pending)
 
+    def worker_serving(self, worker: Worker) -> None:
+        """The worker takes requests again (after a pause): back in rotation,
+        and what waited for any worker goes now."""
+        if self.workers.serve_again(worker):
+            log.info("wafsvc worker serving again", extra={"worker": worker.name,
+                                                           "workers": len(self.workers.ready)})
+            self._dispatch_parked()
+
     # -- lanes coming and going -------------------------------------------
     def attach(self, lane: Lane, name: str, replica: str, workers: int) -> None:
         self.workers.attach(lane, name, replica, workers)
-        parked = self.parked
-        while parked:
+        self._dispatch_parked()
+
+    def _dispatch_parked(self) -> None:
+        parked = self.parked   # the sweeper holds it too: emptied in place
+        for _ in range(len(parked)):   # parked again when still no worker takes requests
             pending = parked.popleft()
             if not pending.done:
                 self._dispatch(pending)

@@ -148,8 +148,13 @@ class LaneRunner:
                     worker.outstanding -= 1
             else:
                 unanswered[0] -= take
-        if batch.draining and worker is not None:
-            pool.worker_draining(worker)
+        # The worker's state, on every message (the last one wins): it takes
+        # no new requests (it drains or pauses), or it serves (again).
+        if worker is not None and batch.draining != worker.draining:
+            if batch.draining:
+                pool.worker_draining(worker)
+            else:
+                pool.worker_serving(worker)
         if worker is not None:
             worker.last_answer = time.monotonic()
             for other in worker.lanes:  # what queued while the window was full goes now

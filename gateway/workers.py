@@ -13,7 +13,9 @@ spares while they are the only way to a worker that may hold transactions,
 so rotation does not turn responses into misses. A draining worker (it
 says so on its streams) keeps all its lanes as spares the same way: it takes
 no new requests but answers the responses of what it holds, and ends its
-streams once it holds nothing.
+streams once it holds nothing. A paused one (a reload) says so the same way,
+then that it serves again: its lanes take work again (serve_again), and it
+counts as reached meanwhile, so coverage repair leaves its channels alone.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ class Workers:
             self.stop_taking_work(lane, spare=True)
         return lanes
 
+    def serve_again(self, worker: Worker) -> bool:
+        """The worker takes requests again (it paused): its lanes that are
+        still open and not retired by rotation take work again."""
+        if not worker.draining:
+            return False
+        worker.draining = False
+        back = [lane for lane in worker.spares if not lane.retired]
+        for lane in back:
+            worker.spares.remove(lane)
+            worker.lanes.append(lane)
+        if worker.lanes and worker not in self.ready:
+            self.ready.append(worker)
+            log.info("wafsvc worker available", extra={"worker": worker.name, "workers": len(self.ready)})
+        return True
+
     def stop_taking_work(self, lane: Lane, spare: bool = False) -> Worker | None:
         """Removes the lane from dispatch; answers still arrive on it. A
         spare (a retired lane, still open) still carries responses."""
@@ -116,8 +133,7 @@ class Workers:
             worker.spares.append(lane)
         if not worker.lanes:
             self.ready.remove(worker)
-            if not any(w.replica == worker.replica for w in self.ready):
-                self._replicas.pop(worker.replica, None)
+            self._forget_replica_if_unreached(worker.replica)
             log.info("wafsvc worker has no lanes", extra={"worker": worker.name, "workers": len(self.ready)})
         self._forget_if_unreachable(worker)
         return worker
@@ -128,7 +144,12 @@ class Workers:
         if worker is not None and lane in worker.spares:
             worker.spares.remove(lane)
             self._forget_if_unreachable(worker)
+            self._forget_replica_if_unreached(worker.replica)
         return worker
+
+    def _forget_replica_if_unreached(self, replica: str) -> None:
+        if not any(w.replica == replica and reached(w) for w in self._by_name.values()):
+            self._replicas.pop(replica, None)
 
     def _forget_if_unreachable(self, worker: Worker) -> None:
         if not worker.lanes and not worker.spares and self._by_name.get(worker.name) is worker:
@@ -141,7 +162,14 @@ class Workers:
 
     def coverage(self) -> dict[str, tuple[int, int]]:
         """replica -> (workers with a lane, workers it reports)."""
-        reached: dict[str, int] = {}
-        for worker in self.ready:
-            reached[worker.replica] = reached.get(worker.replica, 0) + 1
-        return {replica: (reached.get(replica, 0), count) for replica, count in self._replicas.items()}
+        counts: dict[str, int] = {}
+        for worker in self._by_name.values():
+            if reached(worker):
+                counts[worker.replica] = counts.get(worker.replica, 0) + 1
+        return {replica: (counts.get(replica, 0), count) for replica, count in self._replicas.items()}
+
+
+def reached(worker: Worker) -> bool:
+    """Its lanes take work, or will again: it paused (or drains) on open
+    lanes that rotation has not retired."""
+    return bool(worker.lanes) or (worker.draining and any(not lane.retired for lane in worker.spares))
