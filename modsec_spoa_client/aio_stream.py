@@ -4,7 +4,8 @@ The asyncio twin of stream.py, with the same contract: requests awaited by
 concurrent tasks leave together (up to max_batch per message, whatever is
 ready, no waiting for more), answers are matched by ref, and a failed stream
 is reopened (another replica when there is one) for the requests it had not
-answered, and a draining worker's stream keeps only its responses.
+answered, a draining worker's stream keeps only its responses, and a paused
+worker's is the current one again once it serves, unless another has opened.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ class AsyncEvaluationStream:
             self.replica = metadata.get(REPLICA_METADATA, "")
             async for batch in call:
                 if batch.draining:
-                    self._leave(items, worker)
+                    self._leave(items, worker, again_stays=True)
+                elif worker in self._left:
+                    self._rejoin(items, worker)
                 for answer in batch.verdicts:
                     item = self._pending.pop(answer.ref, None)
                     if item is None or item.future.done():
@@ -126,12 +129,26 @@ class AsyncEvaluationStream:
             raise
         self._failed(items, error)
 
-    def _leave(self, items: asyncio.Queue, worker: str) -> None:
+    def _leave(self, items: asyncio.Queue, worker: str, again_stays: bool = False) -> None:
         """The worker drains: new items go to a new stream; this one carries
-        the responses of the transactions it holds until it ends."""
+        the responses of the transactions it holds until it ends. again_stays:
+        see stream.py."""
+        if again_stays and self._left.get(worker) not in (None, items):
+            return
         if self._queue is items:
             self._queue = None
+            older = self._left.get(worker)
+            if older is not None:   # its responses go to this one from now on
+                older.put_nowait(_END)
             self._left[worker] = items
+
+    def _rejoin(self, items: asyncio.Queue, worker: str) -> None:
+        """The worker serves again (it paused): its stream is the current one
+        again, unless another has opened since."""
+        if self._left.get(worker) is items and self._queue is None and not self._closed:
+            del self._left[worker]
+            self._queue = items
+            self.worker = worker
 
     def _resend(self, item: Pending) -> None:
         if self._closed:
@@ -169,8 +186,9 @@ class AsyncEvaluationStream:
         waiting = [item.future for item in self._pending.values()]
         if waiting:
             await asyncio.wait(waiting, timeout=self._config.deadline)
-        if self._queue is not None:
-            self._queue.put_nowait(_END)
+        for items in [self._queue, *self._left.values()]:
+            if items is not None:
+                items.put_nowait(_END)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._config.deadline)
         for task in set(self._tasks):

@@ -16,7 +16,11 @@ on another replica when there is one; responses of kept transactions are
 not (their worker is gone) and fail with WafUnavailable. A draining worker
 says so first (VerdictBatch.draining): new requests then go to a new stream
 (one it refused, DRAINING, too), while the responses of the transactions it
-holds still go to it on the old stream, until it ends that stream.
+holds still go to it on the old stream, until it ends that stream. A worker
+that only paused (a reload) then says it serves again on that old stream:
+it becomes the current stream again if none has opened since; else it stays
+open for that worker's responses, and is ended when the worker pauses or
+drains again or the client closes.
 """
 
 from __future__ import annotations
@@ -184,7 +188,9 @@ class EvaluationStream:
             self.replica = metadata.get(REPLICA_METADATA, "")
             for batch in call:
                 if batch.draining:
-                    self._leave(items, worker)
+                    self._leave(items, worker, again_stays=True)
+                elif worker in self._left:
+                    self._rejoin(items, worker)
                 for answer in batch.verdicts:
                     with self._lock:
                         item = self._pending.pop(answer.ref, None)
@@ -200,13 +206,30 @@ class EvaluationStream:
             error = from_rpc_error(exc)
         self._failed(items, error)
 
-    def _leave(self, items: queue.SimpleQueue, worker: str) -> None:
+    def _leave(self, items: queue.SimpleQueue, worker: str, again_stays: bool = False) -> None:
         """The worker drains: new items go to a new stream; this one carries
-        the responses of the transactions it holds until it ends."""
+        the responses of the transactions it holds until it ends. again_stays:
+        a new stream that reached the worker another one left (it pauses:
+        the channel leads there) stays current, rather than open one stream
+        per message until it serves again."""
         with self._lock:
+            if again_stays and self._left.get(worker) not in (None, items):
+                return
             if self._queue is items:
                 self._queue = None
+                older = self._left.get(worker)
+                if older is not None:   # its responses go to this one from now on
+                    older.put(_END)
                 self._left[worker] = items
+
+    def _rejoin(self, items: queue.SimpleQueue, worker: str) -> None:
+        """The worker serves again (it paused): its stream is the current one
+        again, unless another has opened since."""
+        with self._lock:
+            if self._left.get(worker) is items and self._queue is None and not self._closed:
+                del self._left[worker]
+                self._queue = items
+                self.worker = worker
 
     def _resend(self, item: Pending) -> None:
         """A request a draining worker refused: on the new stream (not a retry)."""
@@ -252,11 +275,13 @@ class EvaluationStream:
         """Ends the stream after what was submitted is answered (or times out)."""
         with self._lock:
             self._closed = True
-            items = self._queue
             waiting = [item.future for item in self._pending.values()]
         concurrent.futures.wait(waiting, timeout=self._config.deadline)
-        if items is not None:
-            items.put(_END)
+        with self._lock:
+            streams = [self._queue, *self._left.values()]
+        for items in streams:
+            if items is not None:
+                items.put(_END)
         with self._lock:
             left, self._pending = list(self._pending.values()), {}
         for item in left:

@@ -292,3 +292,52 @@ def test_a_stream_on_a_draining_replica_moves_its_requests_and_keeps_its_respons
         assert stack.proc(f"wafsvc{victim + 1}").wait(10) == 0
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_across_a_reload_loses_nothing_and_serves_on(tmp_path, mode):
+    """SIGHUP while a stream is busy: its one worker pauses to parse (it says
+    so, then that it serves again). Every request gets its verdict, the
+    transaction held before the reload still has its response inspected, and
+    the stream serves on afterwards."""
+    from tests.e2e.conftest import wait_for
+    stack = start_wafsvc(tmp_path)
+    log = stack.spec.log_dir / "wafsvc1.log"
+
+    def resumed() -> int:
+        return log.read_text(errors="replace").count('"msg": "serving again after a pause"')
+
+    def reload() -> None:
+        os.kill(stack.proc("wafsvc1").pid, signal.SIGHUP)
+        wait_for(lambda: resumed() >= 1, 20, "the worker's reload")
+
+    try:
+        if mode == "sync":
+            with Client(target=target(stack), deadline=5) as client, client.stream() as stream:
+                kept = stream.evaluate(BENIGN, inspect_response=True)
+                reloading = threading.Thread(target=reload)
+                reloading.start()
+                during = []
+                while reloading.is_alive():
+                    during += list(stream.evaluate_many([ATTACK, BENIGN] * 5))
+                after = [stream.evaluate(BENIGN if i % 2 else ATTACK) for i in range(20)]
+                leak = stream.evaluate_response(kept, LEAK)
+        else:
+            async def run():
+                async with AsyncClient(target=target(stack), deadline=5) as client:
+                    async with client.stream() as s:
+                        kept = await s.evaluate(BENIGN, inspect_response=True)
+                        reloading = asyncio.ensure_future(asyncio.to_thread(reload))
+                        during = []
+                        while not reloading.done():
+                            during += await s.evaluate_all([ATTACK, BENIGN] * 5)
+                        await reloading
+                        after = [await s.evaluate(BENIGN if i % 2 else ATTACK) for i in range(20)]
+                        return during, after, await s.evaluate_response(kept, LEAK)
+            during, after, leak = asyncio.run(run())
+        assert during and [v.blocked for v in during] == [not i % 2 for i in range(len(during))], \
+            [v for v in during if isinstance(v, WafError)][:3]
+        assert [v.blocked for v in after] == [not i % 2 for i in range(20)]
+        assert leak.blocked and leak.rule_ids == (2001,)
+    finally:
+        stack.stop()
