@@ -3,8 +3,8 @@
 A worker parsing CRS answers nothing for 50-100 ms per distinct rule set,
 longer on a busy machine. If every worker parsed at once, requests would
 wait past the gateway's deadline; one at a time, the others answer and the
-gateway sends them the work (its hedge moves what the parsing worker
-holds). The supervisor tells the first worker (SIGHUP); each reports when
+gateway sends them the work (the parsing worker pauses first:
+wafsvc/pause.py). The supervisor tells the first worker (SIGHUP); each reports when
 it is done (SIGUSR1 to the supervisor), and the next is told then, or after
 `timeout_s` if a worker never reports. Pure logic: the supervisor passes in
 how to tell a worker.
