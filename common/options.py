@@ -48,6 +48,13 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def dial_address(listen: str) -> tuple[str, int]:
+    """The address to dial for a listen address: a wildcard bind is reached
+    through loopback (health checks run inside the same container)."""
+    host, port = host_port(listen)
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
+
+
 def check_addresses(pairs: Sequence[tuple[str, str]]) -> None:
     """(label, HOST:PORT or empty) pairs; the first bad one raises ConfigError."""
     for label, address in pairs:

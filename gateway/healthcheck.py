@@ -20,22 +20,13 @@ import socket
 import struct
 import sys
 
-from common.options import host_port
+from common.options import dial_address
 from gateway.spop import AgentHello, SpopError, decode_frame, encode_haproxy_hello
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
 MAX_REPLY = 65536
 
 
-def target_for(listen: str) -> tuple[str, int]:
-    """The address to dial for a listen address: a wildcard bind is reached
-    through loopback, from inside the same container."""
-    host, port = host_port(listen)
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, port
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
     args = parser.parse_args(argv)
     try:
-        target = target_for(args.target or os.environ.get("GATEWAY_LISTEN") or DEFAULT_LISTEN)
+        target = dial_address(args.target or os.environ.get("GATEWAY_LISTEN") or DEFAULT_LISTEN)
     except ValueError as exc:
         print(f"gateway.healthcheck: {'--target' if args.target else 'GATEWAY_LISTEN'}: {exc}", file=sys.stderr)
         return 2

@@ -16,20 +16,15 @@ import argparse
 import os
 import sys
 
-from common.options import host_port
+from common.options import dial_address
 
 SERVICE = "waf.v1.Waf"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 def target_for(listen: str) -> str:
-    """The address to dial for a listen address: a wildcard bind is reached
-    through loopback, from inside the same container."""
-    host, port = host_port(listen)
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
+    """The gRPC target to dial for a listen address."""
+    host, port = dial_address(listen)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

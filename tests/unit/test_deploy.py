@@ -20,7 +20,7 @@ import tarfile
 import pytest
 import yaml
 
-from common.options import host_port
+from common.options import dial_address, host_port
 from gateway.config import OPTIONS as GATEWAY_OPTIONS
 from stack import processes
 from wafapi import waf_pb2
@@ -513,7 +513,7 @@ def test_healthcheck_rejects_a_bad_listen_address(monkeypatch, capsys):
     ("127.0.0.1:7000", ("127.0.0.1", 7000)),
 ])
 def test_gateway_healthcheck_dials_the_listen_address_through_loopback(listen, target):
-    assert gateway_healthcheck.target_for(listen) == target
+    assert dial_address(listen) == target
 
 
 def test_gateway_healthcheck_rejects_a_bad_listen_address(monkeypatch, capsys):
