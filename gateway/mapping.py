@@ -76,6 +76,17 @@ class MessageSchema:
     def args_line(self) -> str:
         return " ".join(f"{a.name}={a.fetch}" for a in self.arguments)
 
+    def explain(self, exc: InvalidMessage, unknown: list[str]) -> InvalidMessage:
+        """Fills in what a mapping error lacks: this message's name, the
+        argument as the SPOE file names it, the names no schema knows (a
+        misspelt one is often why) and, for an argument, the expected line."""
+        exc.message = exc.message or self.name
+        exc.unknown = unknown
+        exc.argument = self.names.get(exc.argument, exc.argument)
+        if exc.argument and not exc.hint:
+            exc.hint = f"the gateway expects: args {self.args_line()}"
+        return exc
+
 
 # deploy/haproxy/spoe-modsecurity.conf: every argument, named after its field.
 CHECK_REQUEST = MessageSchema("check-request", (
@@ -300,6 +311,28 @@ def build_request(args, default_app: str = "", haproxy_bufsize: int = 0,
     return request, context
 
 
+def read_headers(raw: bytes, fetch: str) -> tuple[list[tuple[bytes, bytes]], int, str]:
+    """A hdrs_bin block -> (headers, its Content-Length or -1, its Host).
+    `fetch` names it in the error (req.hdrs_bin, res.hdrs_bin)."""
+    try:
+        headers = parse_hdrs_bin(raw)
+    except SpopError as exc:
+        raise InvalidMessage(Problem.BAD_VALUE, f"is not a {fetch} block ({exc.message})",
+                             argument="headers") from None
+    content_length = -1
+    host = ""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                content_length = int(value)
+            except ValueError:
+                raise InvalidMessage(Problem.BAD_VALUE, "holds a content-length that is not a number",
+                                     argument="headers") from None
+        elif name == b"host":
+            host = value.decode("latin-1")
+    return headers, content_length, host
+
+
 def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufsize: int = 0,
                 ) -> tuple[waf_pb2.EvaluateRequest, RequestContext, list[str]]:
     """build_request, plus the argument names the schema does not know."""
@@ -308,23 +341,8 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
         fields, unknown = _fields(args, schema, unknown)
         get = fields.get
         raw_headers = _raw(get("headers"), "headers")
-        try:
-            headers = parse_hdrs_bin(raw_headers)
-        except SpopError as exc:
-            raise InvalidMessage(Problem.BAD_VALUE, f"is not a req.hdrs_bin block ({exc.message})",
-                                 argument="headers") from None
+        headers, content_length, host = read_headers(raw_headers, "req.hdrs_bin")
         body = _raw(get("body"), "body")
-        content_length = -1
-        host = ""
-        for name, value in headers:
-            if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise InvalidMessage(Problem.BAD_VALUE, "holds a content-length that is not a number",
-                                         argument="headers") from None
-            elif name == b"host":
-                host = value.decode("latin-1")
         truncated = body_was_cut(len(body), content_length, _int(get("body_size"), "body_size"),
                                  len(raw_headers), haproxy_bufsize)
         app = _text(get("app"), "app") or default_app
@@ -345,12 +363,7 @@ def map_message(args, schema: MessageSchema, default_app: str = "", haproxy_bufs
             req.ignore_rule_ids.extend(_rule_ids(ignore, "ignore"))
         frontend = _text(get("frontend"), "frontend")
     except InvalidMessage as exc:
-        exc.message = exc.message or schema.name
-        exc.unknown = unknown  # a misspelt name is often why: log it too
-        exc.argument = schema.names.get(exc.argument, exc.argument)  # the SPOE file's name
-        if exc.argument and not exc.hint:
-            exc.hint = f"the gateway expects: args {schema.args_line()}"
-        raise
+        raise schema.explain(exc, unknown)
     # add() per header costs half of building Header messages and passing a
     # list (upb copies them): ~7 us less per request with 12 headers.
     add_header = req.headers.add

@@ -143,12 +143,7 @@ class NotifyDecoder:
             else:
                 request, context = self._map(schema, values)
         except InvalidMessage as exc:
-            exc.message = exc.message or schema.name
-            exc.argument = schema.names.get(exc.argument, exc.argument)
-            if exc.argument and not exc.hint:
-                exc.hint = f"the gateway expects: args {schema.args_line()}"
-            exc.unknown = unknown_names
-            return Decoded(stream_id, frame_id, None, None, exc, ignored)
+            return Decoded(stream_id, frame_id, None, None, schema.explain(exc, unknown_names), ignored)
         return Decoded(stream_id, frame_id, request, context, None, ignored, worker)
 
     def _required(self, schema: mapping.MessageSchema, values: dict) -> None:

@@ -22,7 +22,7 @@ from gateway import mapping, setvars
 from gateway.failures import MissReason
 from gateway.mapping import (CHECK_RESPONSE, InvalidMessage, Problem, RequestContext, _fields, _int, _raw,
                              _text)
-from gateway.spop import Scope, SetVar, SpopError, parse_hdrs_bin
+from gateway.spop import Scope, SetVar
 from wafapi import waf_pb2
 
 # Answers that carry no body whatever their headers say (RFC 9110 6.4.1):
@@ -72,19 +72,7 @@ def build_response(args, default_app: str = "", haproxy_bufsize: int = 0,
         handle = _text(get("handle"), "handle")
         worker = worker_of(handle) if handle else ""
         raw_headers = _raw(get("headers"), "headers")
-        try:
-            headers = parse_hdrs_bin(raw_headers)
-        except SpopError as exc:
-            raise InvalidMessage(Problem.BAD_VALUE, f"is not a res.hdrs_bin block ({exc.message})",
-                                 argument="headers") from None
-        content_length = -1
-        for name, value in headers:
-            if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise InvalidMessage(Problem.BAD_VALUE, "holds a content-length that is not a number",
-                                         argument="headers") from None
+        headers, content_length, _ = mapping.read_headers(raw_headers, "res.hdrs_bin")
         body = _raw(get("body"), "body")
         status = status_of(get("status"))
         method = _text(get("method"), "method")
@@ -98,12 +86,7 @@ def build_response(args, default_app: str = "", haproxy_bufsize: int = 0,
             transaction_id=_text(get("id"), "id"))
         frontend = _text(get("frontend"), "frontend")
     except InvalidMessage as exc:
-        exc.message = exc.message or schema.name
-        exc.unknown = unknown
-        exc.argument = schema.names.get(exc.argument, exc.argument)
-        if exc.argument and not exc.hint:
-            exc.hint = f"the gateway expects: args {schema.args_line()}"
-        raise
+        raise schema.explain(exc, unknown)
     add_header = resp.headers.add
     for name, value in headers:
         add_header(name=name, value=value)
