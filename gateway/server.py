@@ -234,10 +234,7 @@ class SpopProtocol(asyncio.Protocol):
                     self.conn.send_encoded_ack(stream_id, frame_id, acks.short(verdict, original))
                 self._schedule_flush()
         else:
-            closed = gateway.policies.fails_closed(context.app)
-            log.warning("no verdict; failure policy applied", extra={
-                "unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
-                "app": context.app, "policy": "closed" if closed else "open"})
+            closed = _failure_policy(gateway, "no verdict; failure policy applied", context, failure)
             self._fail(stream_id, frame_id, context, failure, elapsed, closed)
         if gateway.paused:
             gateway.resume_if_room()
@@ -266,10 +263,7 @@ class SpopProtocol(asyncio.Protocol):
                                            + acks.response_truncation(context.body_truncated))
                 self._schedule_flush()
         else:
-            closed = gateway.policies.fails_closed(context.app)
-            log.warning("no verdict for a response; failure policy applied", extra={
-                "unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
-                "app": context.app, "policy": "closed" if closed else "open"})
+            closed = _failure_policy(gateway, "no verdict for a response; failure policy applied", context, failure)
             self._fail_response(stream_id, frame_id, context, failure, elapsed, closed)
         if gateway.paused:
             gateway.resume_if_room()
@@ -395,3 +389,12 @@ class SpopProtocol(asyncio.Protocol):
             self.disconnect(Status.TIMEOUT, "idle")
         else:
             self._timer = self._loop.call_later(limit - idle, self._on_timer)
+
+
+def _failure_policy(gateway, what: str, context: RequestContext, failure: NoVerdict) -> bool:
+    """Logs a request or response left without a verdict; True when its
+    application's failure policy is closed."""
+    closed = gateway.policies.fails_closed(context.app)
+    log.warning(what, extra={"unique_id": context.unique_id, "reason": str(failure), "failure": failure.label,
+                             "app": context.app, "policy": "closed" if closed else "open"})
+    return closed
